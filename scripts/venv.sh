@@ -13,6 +13,6 @@ fi
 if [[ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]]; then
   echo "[venv] installing megatron_cslm and pinned dependencies into $VENV (first run: ~2-3 min)"
   "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel
-  "$VENV/bin/python" -m pip install -q -c "$ROOT/constraints-ci.txt" -e "$ROOT[all-cpu]"
+  "$VENV/bin/python" -m pip install -q -c "$ROOT/constraints-ci.txt" --config-settings editable_mode=compat -e "$ROOT[all-cpu]"
   echo "$WANT" > "$STAMP"
 fi

@@ -1,0 +1,18 @@
+"""Inference for CSLM checkpoints: prompts as trained, interleaved decoding, streaming chunks, evaluation.
+
+    lm = SpeechLM.from_pretrained("ckpt")                       # exported HF checkpoint + its tokenizer
+    encoder = SFTEncoder(lm.tok, SFTConfig())                    # the SFT prompt layout
+    prompt = build_prompt(encoder, units, answer_lang="en")
+    stream = lm.stream(prompt, SamplingConfig(), seed=0)
+    for chunk in stream:                                         # TQ, then TA1, SA1, TA2, SA2, ... as completed
+        ...
+    stream.response.latency.first_speech_tokens
+"""
+from megatron_cslm.inference.generate import Response, SpeechLM, Stream
+from megatron_cslm.inference.latency import Latency
+from megatron_cslm.inference.parse import Chunk, ParsedResponse, ResponseParser, parse_response
+from megatron_cslm.inference.prompt import build_prompt
+from megatron_cslm.inference.sampling import SamplingConfig
+
+__all__ = ["Chunk", "Latency", "ParsedResponse", "Response", "ResponseParser", "SamplingConfig", "SpeechLM",
+           "Stream", "build_prompt", "parse_response"]

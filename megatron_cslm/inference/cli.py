@@ -1,0 +1,83 @@
+"""Command-line arguments shared by `tools/decode.py` and `tools/eval_s2s.py`, and what they build."""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from megatron_cslm.inference.durations import load_duration_table
+from megatron_cslm.inference.generate import SpeechLM
+from megatron_cslm.inference.prompt import LANGUAGES
+from megatron_cslm.inference.sampling import SamplingConfig
+from megatron_cslm.sft_data import SFTConfig, SFTEncoder
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_decoding_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("decoding")
+    g.add_argument("--lang", choices=LANGUAGES, required=True,
+                   help="language of the spoken questions; also the answer language unless --answer-lang is given")
+    g.add_argument("--answer-lang", choices=LANGUAGES, default=None,
+                   help="answer language, chosen independently of the question's: selects the instruction that "
+                        "asks for it (default: --lang)")
+    g.add_argument("--tokenizer", default=None,
+                   help="SpeechTextTokenizer directory (default: the model directory)")
+    g.add_argument("--dedup-units", action="store_true",
+                   help="the model was trained on deduplicated units: collapse repeats in the question's units")
+    g.add_argument("--system-prompt", default=None, help="system turn, if the model was trained with one")
+    g.add_argument("--max-len-input", type=int, default=2048,
+                   help="longest prompt in tokens; a longer one is an error (default: 2048)")
+    g.add_argument("--max-new-tokens", type=int, default=2048, help="generated tokens per answer (default: 2048)")
+    g.add_argument("--temperature", type=float, default=1.0,
+                   help="sampling temperature; 0 = greedy (default: 1.0, as the CSLM authors)")
+    g.add_argument("--top-p", type=float, default=0.7, help="nucleus sampling mass (default: 0.7, as the authors)")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0 = off (default)")
+    g.add_argument("--constrained", action="store_true",
+                   help="only units and <eosp> inside <sosp>...<eosp>, no units outside (hides malformed output)")
+    g.add_argument("--seed", type=int, default=0, help="item i is sampled with seed SEED+i (default: 0)")
+    g.add_argument("--batch-size", type=int, default=1, help="prompts decoded together (default: 1)")
+    g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    g.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="model precision (default: bfloat16 on GPU, float32 on CPU)")
+    d = parser.add_argument_group("speech output").add_mutually_exclusive_group()
+    d.add_argument("--unit-duration", type=int, default=None,
+                   help="model emits deduplicated units: repeat each unit this many 20 ms frames in "
+                        "speech_units.txt (default: units written as generated)")
+    d.add_argument("--unit-duration-table", default=None,
+                   help="JSON list (or {unit: frames} object) of each unit's mean duration in frames, measured on "
+                        "training data, to re-expand deduplicated units")
+    s = parser.add_argument_group("audio input (speech tokenizer)")
+    s.add_argument("--speech-tokenizer", default="speech_tokenizer_v1",
+                   help="S3 tokenizer variant: speech_tokenizer_v1 (50 units/s, CSLM's) or speech_tokenizer_v1_25hz")
+    w = s.add_mutually_exclusive_group()
+    w.add_argument("--tokenizer-weights", default=None, help="S3 tokenizer weights (.onnx, .pt or .safetensors)")
+    w.add_argument("--random-init", action="store_true",
+                   help="randomly initialised S3 tokenizer: meaningless units, for tests and debugging only")
+
+
+def sampling_config(args: argparse.Namespace) -> SamplingConfig:
+    return SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                          max_new_tokens=args.max_new_tokens, constrained=args.constrained)
+
+
+def durations(args: argparse.Namespace, num_units: int) -> int | list[float] | None:
+    if args.unit_duration_table:
+        return load_duration_table(args.unit_duration_table, num_units)
+    return args.unit_duration
+
+
+def load_model(path: str, args: argparse.Namespace) -> tuple[SpeechLM, SFTEncoder]:
+    lm = SpeechLM.from_pretrained(path, args.tokenizer, args.device, DTYPES.get(args.dtype))
+    encoder = SFTEncoder(lm.tok, SFTConfig(dedup_units=args.dedup_units, system_prompt=args.system_prompt))
+    return lm, encoder
+
+
+def unit_extractor(args: argparse.Namespace, device: torch.device):
+    """The S3 tokenizer for audio questions; demands weights or an explicit --random-init."""
+    from megatron_cslm.speech_units import UnitExtractor
+
+    if not args.tokenizer_weights and not args.random_init:
+        raise SystemExit("audio input needs --tokenizer-weights (the S3 tokenizer's weights) or --random-init")
+    return UnitExtractor(args.speech_tokenizer, weights=args.tokenizer_weights, random_init=args.random_init,
+                         device=device)

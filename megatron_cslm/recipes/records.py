@@ -1,0 +1,143 @@
+"""Source records of the pretraining recipes, validated on read with errors naming file, line and field.
+
+Accepted inputs:
+
+* speech (ASR/TTS manifest, as ``tools/tokenize_speech.py`` writes): ``{"text": str, "units": [int],
+  "id"?: str, "lang"?: str, "speaker"?: str, "words"?: [{"word": str, "start": int, "end": int}]}``, word
+  timestamps being unit indices (end exclusive) whose words appear in order in ``text``.
+* parallel text: ``{"zh": str, "en": str, "zh_units"?: [int], "en_units"?: [int], "id"?: str}``, or the
+  Hugging Face WMT layout ``{"translation": {"zh": str, "en": str}}``; the two language keys are configurable.
+* instructions: ``{"prompt": str, "response": str}`` (the CSLM authors' format), ``{"messages": [{"role",
+  "content"}]}`` or ShareGPT/InfinityInstruct ``{"conversations": [{"from", "value"}]}``; optional ``"lang"``.
+"""
+from __future__ import annotations
+
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from megatron_cslm.chunking import check_words
+from megatron_cslm.fileio import DataError, require
+
+ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
+
+
+def guess_lang(text: str) -> str:
+    """"zh" when CJK characters make up at least 30% of the letters/digits, else "en" (the only two the
+    default templates cover); used when a record carries no "lang"."""
+    alnum = [c for c in text if c.isalnum()]
+    wide = sum(unicodedata.east_asian_width(c) in ("W", "F") for c in alnum)
+    return "zh" if alnum and wide >= 0.3 * len(alnum) else "en"
+
+
+def _text(record: dict, key: str, path: str, line: int, where: str | None = None) -> str:
+    value = require(record, key, str, path, line).strip()
+    if not value:
+        raise DataError(path, line, where or key, "empty text")
+    return value
+
+
+def _units(value: object, path: str, line: int, key: str, num_units: int) -> list[int]:
+    if not isinstance(value, list) or not value:
+        raise DataError(path, line, key, "expected a non-empty list of unit ids")
+    for i, u in enumerate(value):
+        if not isinstance(u, int) or isinstance(u, bool):
+            raise DataError(path, line, key, f"element {i} is {u!r}, not an integer unit id")
+        if not 0 <= u < num_units:
+            raise DataError(path, line, key, f"element {i} = {u} is outside [0, {num_units})")
+    return value
+
+
+def _lang(record: dict, text: str, path: str, line: int) -> str:
+    """The record's "lang", guessed from the text when absent or empty (tokenize_speech writes "" if unknown)."""
+    if record.get("lang") in (None, ""):
+        return guess_lang(text)
+    return require(record, "lang", str, path, line)
+
+
+def _record_id(record: dict, path: str, line: int) -> str:
+    rid = record.get("id")
+    return str(rid) if rid is not None else f"{Path(path).name}:{line}"
+
+
+@dataclass(frozen=True)
+class SpeechRecord:
+    """One utterance: transcript, units and optional word timestamps; `path`/`line` locate later errors."""
+
+    id: str
+    text: str
+    lang: str
+    units: list[int]
+    words: list[dict] | None
+    path: str
+    line: int
+
+
+def parse_speech(record: dict, path: str, line: int, num_units: int) -> SpeechRecord:
+    text = _text(record, "text", path, line)
+    units = _units(require(record, "units", list, path, line), path, line, "units", num_units)
+    words = record.get("words")
+    if words is not None:
+        if not isinstance(words, list) or not words:
+            raise DataError(path, line, "words", "expected a non-empty list of {word, start, end} (or no field)")
+        try:
+            check_words(words, len(units))
+        except ValueError as e:
+            raise DataError(path, line, "words", str(e)) from None
+    return SpeechRecord(_record_id(record, path, line), text, _lang(record, text, path, line), units, words,
+                        str(path), line)
+
+
+@dataclass(frozen=True)
+class ParallelRecord:
+    """A sentence pair: `text[lang]`, and `units[lang]` for the sides that have speech."""
+
+    id: str
+    text: dict[str, str]
+    units: dict[str, list[int]] = field(default_factory=dict)
+
+
+def parse_parallel(record: dict, path: str, line: int, langs: tuple[str, str], num_units: int) -> ParallelRecord:
+    sides = require(record, "translation", dict, path, line) if "translation" in record else record
+    prefix = "translation." if sides is not record else ""
+    text = {lang: _text(sides, lang, path, line, prefix + lang) for lang in langs}
+    units = {lang: _units(record[f"{lang}_units"], path, line, f"{lang}_units", num_units)
+             for lang in langs if record.get(f"{lang}_units") is not None}
+    return ParallelRecord(_record_id(record, path, line), text, units)
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """Chat turns as (role, content), roles normalised to system/user/assistant, ending with the assistant."""
+
+    id: str
+    lang: str
+    turns: list[tuple[str, str]]
+
+
+def parse_conversation(record: dict, path: str, line: int) -> Conversation:
+    if "prompt" in record or "response" in record:
+        turns = [("user", _text(record, "prompt", path, line)), ("assistant", _text(record, "response", path, line))]
+    else:
+        key, role_key, text_key = (("messages", "role", "content") if "messages" in record
+                                   else ("conversations", "from", "value") if "conversations" in record
+                                   else (None, None, None))
+        if key is None:
+            raise DataError(path, line, None, "expected 'prompt'/'response', 'messages' or 'conversations'")
+        items = require(record, key, list, path, line)
+        turns = []
+        for i, turn in enumerate(items):
+            where = f"{key}[{i}]"
+            if not isinstance(turn, dict):
+                raise DataError(path, line, where, f"expected an object, got {type(turn).__name__}")
+            role = turn.get(role_key)
+            if role not in ROLES:
+                raise DataError(path, line, f"{where}.{role_key}", f"unknown role {role!r}; expected {sorted(ROLES)}")
+            content = turn.get(text_key)
+            if not isinstance(content, str) or not content.strip():
+                raise DataError(path, line, f"{where}.{text_key}", "expected non-empty text")
+            turns.append((ROLES[role], content.strip()))
+        if not turns or turns[-1][0] != "assistant":
+            raise DataError(path, line, key, "the conversation must end with an assistant turn")
+    lang = _lang(record, " ".join(c for _, c in turns), path, line)
+    return Conversation(_record_id(record, path, line), lang, turns)

@@ -1,0 +1,403 @@
+"""Speech-text tokenizer: a text tokenizer plus a contiguous block of speech-unit ids and four specials.
+
+Vocabulary layout: ``base text vocab | unit 0 .. unit N-1 | <sosp> <eosp> [question] [answer]``.
+Units never go through BPE: unit k is id ``unit_offset + k`` (arithmetic), which is what makes
+unit-heavy corpora cheap to tokenize. The CSLM authors' released data writes units as text
+(``<sosp><12><345><eosp>``); `encode_text` recognises that form, and the specials, and gives the same ids,
+matching what Hugging Face added tokens do, so a saved tokenizer loaded by `transformers.AutoTokenizer`
+produces identical ids.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Literal, Sequence
+
+import numpy as np
+
+# Llama-3.1 chat format; content is trimmed like Meta's template so HF apply_chat_template matches it.
+LLAMA31_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+META_FILE = "cslm_tokenizer.json"
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """Strings of the four speech/dialogue specials (configurable to match other releases)."""
+
+    sosp: str = "<sosp>"
+    eosp: str = "<eosp>"
+    question: str = "[question]"
+    answer: str = "[answer]"
+
+    def as_list(self) -> list[str]:
+        return [self.sosp, self.eosp, self.question, self.answer]
+
+
+@dataclass
+class Segment:
+    """A run of text or of speech units, as produced by `SpeechTextTokenizer.split`."""
+
+    kind: Literal["text", "units"]
+    text: str = ""
+    units: list[int] = field(default_factory=list)
+
+
+class SegmentError(ValueError):
+    """A malformed segment; `field` names it (e.g. ``segments[2].units``) so callers can locate the error."""
+
+    def __init__(self, field: str, message: str):
+        self.field, self.reason = field, message
+        super().__init__(f"{field}: {message}")
+
+
+class _HFText:
+    """Hugging Face `tokenizers` backend (tokenizer.json); base specials such as <|eot_id|> are its added tokens."""
+
+    kind = "hf"
+
+    def __init__(self, path: Path, drop: set[str]):
+        from tokenizers import Tokenizer
+
+        self.path = path
+        self.tok = Tokenizer.from_file(str(path))
+        if any(t.content in drop for t in self.tok.get_added_tokens_decoder().values()):
+            # A saved SpeechTextTokenizer: strip our added tokens to recover the base vocabulary.
+            spec = json.loads(path.read_text(encoding="utf-8"))
+            spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] not in drop]
+            self.tok = Tokenizer.from_str(json.dumps(spec))
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        config = path.parent / "tokenizer_config.json"
+        self.config = json.loads(config.read_text(encoding="utf-8")) if config.exists() else {}
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if len(texts) == 1:
+            return [self.tok.encode(texts[0], add_special_tokens=False).ids]
+        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=False)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.tok.token_to_id(token)
+
+    def _config_token(self, key: str) -> str | None:
+        value = self.config.get(key)
+        return value.get("content") if isinstance(value, dict) else value
+
+    def eod_id(self) -> int:
+        for token in ("<|end_of_text|>", self._config_token("eos_token"), "</s>"):
+            if token is not None and self.token_to_id(token) is not None:
+                return self.token_to_id(token)
+        raise ValueError(f"{self.path}: cannot find an end-of-document token (<|end_of_text|>, eos_token or </s>)")
+
+    def bos_id(self) -> int | None:
+        for token in ("<|begin_of_text|>", self._config_token("bos_token"), "<s>"):
+            if token is not None and self.token_to_id(token) is not None:
+                return self.token_to_id(token)
+        return None
+
+
+class _SPText:
+    """SentencePiece backend. Control pieces (<s>, </s>) are rendered and parsed as text so decode/encode invert."""
+
+    kind = "sentencepiece"
+
+    def __init__(self, path: Path):
+        import sentencepiece as spm
+
+        self.path = path
+        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        self.vocab_size = self.sp.get_piece_size()
+        self.control = {self.sp.id_to_piece(i): i for i in range(self.vocab_size) if self.sp.is_control(i)}
+        self.control_re = (re.compile("|".join(re.escape(p) for p in sorted(self.control, key=len, reverse=True)))
+                           if self.control else None)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if self.control_re is None:
+            return self.sp.encode(texts, out_type=int)
+        out = []
+        for text in texts:
+            ids, pos = [], 0
+            for m in self.control_re.finditer(text):
+                if m.start() > pos:
+                    ids += self.sp.encode(text[pos:m.start()], out_type=int)
+                ids.append(self.control[m.group()])
+                pos = m.end()
+            if pos < len(text):
+                ids += self.sp.encode(text[pos:], out_type=int)
+            out.append(ids)
+        return out
+
+    def decode(self, ids: list[int]) -> str:
+        out, run = [], []
+        for i in ids:
+            if self.sp.is_control(i):
+                out += [self.sp.decode(run), self.sp.id_to_piece(i)]
+                run = []
+            else:
+                run.append(i)
+        return "".join(out) + self.sp.decode(run)
+
+    def token_to_id(self, token: str) -> int | None:
+        i = self.sp.piece_to_id(token)
+        return None if i == self.sp.unk_id() and token != self.sp.id_to_piece(i) else i
+
+    def eod_id(self) -> int:
+        if self.sp.eos_id() < 0:
+            raise ValueError(f"{self.path}: SentencePiece model has no eos piece to use as end-of-document")
+        return self.sp.eos_id()
+
+    def bos_id(self) -> int | None:
+        return self.sp.bos_id() if self.sp.bos_id() >= 0 else None
+
+
+class SpeechTextTokenizer:
+    """Text tokenizer (HF tokenizer.json or SentencePiece) extended with speech units and specials.
+
+    Args:
+        text_tokenizer: HF tokenizer directory or tokenizer.json file, or a SentencePiece .model file.
+        num_units: number of discrete speech units (4,096 for the CosyVoice S3 tokenizer).
+        specials: strings of <sosp>, <eosp>, [question], [answer].
+    """
+
+    chat_template: str = LLAMA31_CHAT_TEMPLATE
+
+    def __init__(self, text_tokenizer: str | Path, num_units: int = 4096, specials: SpecialTokens = SpecialTokens()):
+        if num_units <= 0:
+            raise ValueError(f"num_units must be positive, got {num_units}")
+        self.num_units = num_units
+        self.specials = specials
+        path = Path(text_tokenizer)
+        if path.is_dir():
+            if (path / "tokenizer.json").exists():
+                path = path / "tokenizer.json"
+            elif (path / "tokenizer.model").exists():
+                path = path / "tokenizer.model"
+            else:
+                raise FileNotFoundError(f"{path}: no tokenizer.json or tokenizer.model in this directory")
+        elif not path.exists():
+            raise FileNotFoundError(f"{path}: tokenizer file not found")
+        self._ours = set(specials.as_list())
+        self.text = _HFText(path, self._ours | {f"<{k}>" for k in range(num_units)}) if path.suffix == ".json" \
+            else _SPText(path)
+
+        self.base_vocab_size = self.text.vocab_size
+        self.unit_offset = self.base_vocab_size
+        self.sosp_id, self.eosp_id, self.question_id, self.answer_id = range(
+            self.unit_offset + num_units, self.unit_offset + num_units + 4)
+        self.vocab_size = self.unit_offset + num_units + 4
+        self.eod_id = self.text.eod_id()
+        self.bos_id = self.text.bos_id()
+        self._special_ids = dict(zip(specials.as_list(), range(self.sosp_id, self.vocab_size)))
+        self._special_strs = {v: k for k, v in self._special_ids.items()}
+        # Longest alternative first so e.g. "<sosp>" never loses to a shorter special at the same position.
+        alts = [re.escape(s) for s in sorted(self._special_ids, key=len, reverse=True)]
+        self._marker_re = re.compile("|".join(alts + [r"<(0|[1-9][0-9]{0,8})>"]))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "SpeechTextTokenizer":
+        """Restore a tokenizer written by `save_pretrained`."""
+        path = Path(path)
+        meta_path = path / META_FILE
+        if not meta_path.exists():
+            raise FileNotFoundError(f"{meta_path} not found: {path} was not written by SpeechTextTokenizer."
+                                    "save_pretrained (use SpeechTextTokenizer(path) for a plain text tokenizer)")
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        tok = cls(path / meta["text_tokenizer"], meta["num_units"], SpecialTokens(**meta["specials"]))
+        if tok.base_vocab_size != meta["base_vocab_size"]:
+            raise ValueError(f"{path}: base vocab has {tok.base_vocab_size} ids, {META_FILE} says "
+                             f"{meta['base_vocab_size']}")
+        return tok
+
+    @classmethod
+    def load(cls, path: str | Path, num_units: int = 4096) -> "SpeechTextTokenizer":
+        """Load a saved SpeechTextTokenizer directory, or wrap a plain text tokenizer with `num_units` units."""
+        if (Path(path) / META_FILE).exists():
+            tok = cls.from_pretrained(path)
+            if tok.num_units != num_units:
+                raise ValueError(f"{path} was saved with {tok.num_units} units, but num_units={num_units}")
+            return tok
+        return cls(path, num_units)
+
+    def padded_vocab_size(self, multiple: int) -> int:
+        """Vocab size rounded up to `multiple` (Megatron pads embeddings for tensor-parallel splits)."""
+        return -(-self.vocab_size // multiple) * multiple
+
+    def is_unit(self, token_id: int) -> bool:
+        return self.unit_offset <= token_id < self.unit_offset + self.num_units
+
+    def encode_text(self, text: str) -> list[int]:
+        """Tokenize text (no BOS); "<k>" unit strings and special strings map to their ids."""
+        return self._encode_texts([text])[0]
+
+    def _encode_texts(self, texts: list[str]) -> list[list[int]]:
+        """Split each text at unit/special markers, BPE all plain pieces in one batch call, reassemble."""
+        plans: list[list[int | None]] = []  # token ids, with None where the next BPE'd piece goes
+        pieces: list[str] = []
+        for text in texts:
+            plan, pos = [], 0
+            for m in self._marker_re.finditer(text):
+                unit = m.group(1)
+                if unit is not None and int(unit) >= self.num_units:
+                    continue  # not one of our tokens: stays text, as it would with HF added tokens
+                if m.start() > pos:
+                    pieces.append(text[pos:m.start()])
+                    plan.append(None)
+                plan.append(self.unit_offset + int(unit) if unit is not None else self._special_ids[m.group()])
+                pos = m.end()
+            if pos < len(text):
+                pieces.append(text[pos:])
+                plan.append(None)
+            plans.append(plan)
+        encoded = iter(self.text.encode_batch(pieces) if pieces else [])
+        out = []
+        for plan in plans:
+            ids: list[int] = []
+            for p in plan:
+                if p is None:
+                    ids += next(encoded)
+                else:
+                    ids.append(p)
+            out.append(ids)
+        return out
+
+    def encode_units(self, units: Sequence[int], wrap: bool = True) -> list[int]:
+        """Unit ids by arithmetic; raises ValueError for non-integers or units outside [0, num_units)."""
+        arr = np.asarray(units)
+        if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+            raise ValueError(f"units must be a flat list of integers, got dtype {arr.dtype}")
+        if arr.size and (arr.min() < 0 or arr.max() >= self.num_units):
+            bad = int(arr[(arr < 0) | (arr >= self.num_units)][0])
+            raise ValueError(f"unit {bad} out of range [0, {self.num_units})")
+        ids = (arr.astype(np.int64) + self.unit_offset).tolist()
+        return [self.sosp_id, *ids, self.eosp_id] if wrap else ids
+
+    def encode_each_segment(self, segments: Iterable[dict]) -> list[list[int]]:
+        """Ids of each segment ({"text": str} or {"units": [int, ...]}, units wrapped in sosp/eosp).
+
+        Text segments are tokenized in one batch call. Raises SegmentError naming the bad segment.
+        """
+        segments = list(segments)
+        out: list[list[int] | None] = [None] * len(segments)
+        texts, where = [], []
+        for i, seg in enumerate(segments):
+            if not isinstance(seg, dict):
+                raise SegmentError(f"segments[{i}]", f"expected an object, got {type(seg).__name__}")
+            if "units" in seg:
+                units = seg["units"]
+                if not isinstance(units, list) or not units:
+                    raise SegmentError(f"segments[{i}].units", "expected a non-empty list of unit ids")
+                try:
+                    out[i] = self.encode_units(units)
+                except ValueError as e:
+                    raise SegmentError(f"segments[{i}].units", str(e)) from None
+            elif "text" in seg:
+                text = seg["text"]
+                if not isinstance(text, str) or not text:
+                    raise SegmentError(f"segments[{i}].text", "expected a non-empty string")
+                texts.append(text)
+                where.append(i)
+            else:
+                raise SegmentError(f"segments[{i}]", "needs a 'text' or a 'units' field")
+        for i, ids in zip(where, self._encode_texts(texts) if texts else []):
+            out[i] = ids
+        return out
+
+    def encode_segments(self, segments: Iterable[dict]) -> list[int]:
+        """Concatenated ids of `segments` (see `encode_each_segment`)."""
+        return [i for ids in self.encode_each_segment(segments) for i in ids]
+
+    def _check_id(self, token_id: int) -> None:
+        if not 0 <= token_id < self.vocab_size:
+            raise ValueError(f"token id {token_id} out of range [0, {self.vocab_size})")
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text with units rendered as "<k>" and specials as their strings (inverse of `encode_text`)."""
+        out, run = [], []
+        for i in ids:
+            i = int(i)
+            if i < self.base_vocab_size and i >= 0:
+                run.append(i)
+                continue
+            self._check_id(i)
+            if run:
+                out.append(self.text.decode(run))
+                run = []
+            out.append(f"<{i - self.unit_offset}>" if self.is_unit(i) else self._special_strs[i])
+        if run:
+            out.append(self.text.decode(run))
+        return "".join(out)
+
+    def split(self, ids: Sequence[int]) -> list[Segment]:
+        """Text and unit segments; a run of units loses the <sosp>/<eosp> that directly enclose it."""
+        ids = [int(i) for i in ids]
+        segments: list[Segment] = []
+        text_run: list[int] = []
+        i, n = 0, len(ids)
+        while i < n:
+            start = i + 1 if ids[i] == self.sosp_id else i
+            j = start
+            while j < n and self.is_unit(ids[j]):
+                j += 1
+            if j > start:  # a unit run starting at `start`, possibly wrapped
+                if text_run:
+                    segments.append(Segment("text", text=self.decode(text_run)))
+                    text_run = []
+                segments.append(Segment("units", units=[t - self.unit_offset for t in ids[start:j]]))
+                i = j + 1 if j < n and ids[j] == self.eosp_id else j
+            else:
+                self._check_id(ids[i])
+                text_run.append(ids[i])
+                i += 1
+        if text_run:
+            segments.append(Segment("text", text=self.decode(text_run)))
+        return segments
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write HF tokenizer files (AutoTokenizer loads them unchanged) plus cslm_tokenizer.json for us."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        meta = {"format": 1, "num_units": self.num_units, "specials": asdict(self.specials),
+                "base_vocab_size": self.base_vocab_size}
+        if isinstance(self.text, _SPText):
+            # No lossless SentencePiece -> tokenizer.json conversion exists for arbitrary models, so only
+            # from_pretrained restores this one.
+            shutil.copyfile(self.text.path, path / "tokenizer.model")
+            meta["text_tokenizer"] = "tokenizer.model"
+        else:
+            self._save_hf(path)
+            meta["text_tokenizer"] = "tokenizer.json"
+        (path / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+    def _save_hf(self, path: Path) -> None:
+        from tokenizers import AddedToken, Tokenizer
+
+        tok = Tokenizer.from_str(self.text.tok.to_str())
+        tok.add_tokens([AddedToken(f"<{k}>", normalized=False, special=False) for k in range(self.num_units)])
+        tok.add_special_tokens([AddedToken(s, normalized=False, special=True) for s in self.specials.as_list()])
+        got = [tok.token_to_id(s) for s in ("<0>", self.specials.answer)]
+        if got != [self.unit_offset, self.vocab_size - 1]:
+            raise RuntimeError(f"added tokens got ids {got}, expected {[self.unit_offset, self.vocab_size - 1]}: "
+                               "the base vocabulary is not contiguous")
+        tok.save(str(path / "tokenizer.json"))
+        src = self.text.config
+        bos = self.bos_id if self.bos_id is not None else None
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": src.get("bos_token", tok.id_to_token(bos) if bos is not None else None),
+            "eos_token": src.get("eos_token", tok.id_to_token(self.eod_id)),
+            "clean_up_tokenization_spaces": False,  # HF's cleanup would rewrite text ("a ." -> "a.")
+            "model_max_length": src.get("model_max_length", 131072),
+            "chat_template": self.chat_template,
+        }
+        if "pad_token" in src:
+            config["pad_token"] = src["pad_token"]
+        (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+                                                    encoding="utf-8")

@@ -1,0 +1,232 @@
+"""Embedded toy bilingual speech-text corpus. The speech is SYNTHETIC: unit sequences made up from spelling.
+
+Why: the quickstart runs the whole pipeline (tokenize, pretrain, SFT, generate) on a laptop CPU in minutes
+with nothing downloaded. Real speech units need real audio and a 300M-parameter speech tokenizer; a tiny
+model also cannot learn real speech in minutes. So every grapheme (a letter, digit or CJK character) is
+"pronounced" as a fixed short sequence of unit ids, and each speaker stretches those units by its own
+speaking rate and pauses at punctuation for its own length. Speech and text are then truly aligned and a
+tiny model can learn ASR, TTS and interleaving from it. Nothing here sounds like anything.
+
+The sentences (``megatron_cslm/toy/parallel.txt``: 160 English/Chinese pairs, ``toy/qa.txt``: 40 question/
+answer pairs in both languages) were written for this project. `make_toy_corpus` writes, under ``out_dir``:
+
+``manifest.jsonl``: ASR/TTS manifest, one line per (sentence, language, speaker), the same fields as
+    ``tools/tokenize_speech.py`` writes: ``{"id", "text", "lang", "speaker", "units": [int],
+    "words": [{"word", "start", "end"}]}``. Word timestamps are unit indices, ``end`` exclusive; a word is a
+    space-separated word, or one character for Chinese (`megatron_cslm.chunking.split_pieces`), its string
+    without punctuation. The words tile the utterance: word i+1 starts where word i ends, the first starts
+    at 0 and the last ends at ``len(units)`` (a pause belongs to the word before it).
+``parallel.jsonl``: ``{"id", "en", "zh", "en_units", "zh_units"}``, each side spoken by one speaker.
+``instruct.jsonl``: text instruction data in the CSLM authors' format ``{"id", "lang", "prompt", "response"}``.
+``dialogue_sft.jsonl``: speech-aware spoken dialogue for SFT, one dialogue per line::
+
+    {"id": str, "lang": "en" | "zh",
+     "turns": [{"role": "user", "text": str, "units": [int], "speaker": str},
+               {"role": "assistant", "text": str, "units": [int], "speaker": str,
+                "words": [{"word": str, "start": int, "end": int}]},
+               ...]}
+
+    Turns alternate user/assistant and end with the assistant. ``text`` is the transcript of ``units``;
+    assistant ``words`` are timestamps into that turn's ``units`` (as in the manifest), so the SFT layer can
+    cut the answer into text/speech chunks at word boundaries. The assistant always speaks with the voice
+    of speaker 0 (a spoken assistant has one voice); users are the other speakers. ``speaker`` is optional
+    for readers.
+``info.json``: counts, the unit range used, the speakers' parameters, and ``"synthetic": true``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import unicodedata
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from megatron_cslm.chunking import split_pieces
+from megatron_cslm.fileio import atomic_open, write_json
+
+TOY_DIR = Path(__file__).parent / "toy"
+SILENCE_UNIT = 0
+# Toy speech uses units [0, TOY_UNIT_RANGE) only, so a tiny model sees each unit often even with the real
+# 4,096-unit vocabulary; unit 0 is silence.
+TOY_UNIT_RANGE = 512
+PAUSE_MARKS = frozenset(",.!?;:，。！？；：、")
+ASSISTANT_SPEAKER = 0
+
+
+def _read_tsv(name: str, fields: int) -> list[list[str]]:
+    rows = []
+    for lineno, line in enumerate((TOY_DIR / name).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        row = line.split("\t")
+        if len(row) != fields or not all(x.strip() for x in row):
+            raise ValueError(f"{TOY_DIR / name}:{lineno}: expected {fields} non-empty tab-separated fields")
+        rows.append(row)
+    return rows
+
+
+def parallel_sentences() -> list[tuple[str, str]]:
+    """The toy (English, Chinese) sentence pairs."""
+    return [(en, zh) for en, zh in _read_tsv("parallel.txt", 2)]
+
+
+def qa_pairs() -> list[dict[str, tuple[str, str]]]:
+    """The toy question/answer pairs: ``{"en": (question, answer), "zh": (question, answer)}``."""
+    return [{"en": (eq, ea), "zh": (zq, za)} for eq, ea, zq, za in _read_tsv("qa.txt", 4)]
+
+
+def bare_word(piece: str) -> str:
+    """A word piece without surrounding whitespace and punctuation, as forced aligners report words."""
+    word = piece.strip()
+    while word and unicodedata.category(word[0]).startswith("P"):
+        word = word[1:]
+    while word and unicodedata.category(word[-1]).startswith("P"):
+        word = word[:-1]
+    return word
+
+
+@dataclass(frozen=True)
+class Voice:
+    """A toy speaker: `rate` is the mean number of repeats of each unit, `pause` the silence at punctuation."""
+
+    name: str
+    rate: float
+    pause: int
+
+
+class ToySpeech:
+    """Deterministic synthetic "speech": grapheme -> fixed unit sequence, stretched per speaker.
+
+    Args:
+        num_units: size of the speech-unit vocabulary the units must fit (4,096 for CosyVoice S3).
+        num_speakers: number of toy voices.
+        seed: picks the voices and the per-utterance duration jitter; the grapheme -> unit map never changes.
+        unit_range: units are drawn from [0, min(unit_range, num_units)).
+    """
+
+    def __init__(self, num_units: int = 4096, num_speakers: int = 4, seed: int = 0,
+                 unit_range: int = TOY_UNIT_RANGE):
+        self.unit_range = min(unit_range, num_units)
+        if self.unit_range < 16:
+            raise ValueError(f"toy speech needs at least 16 units, got num_units={num_units}, "
+                             f"unit_range={unit_range}")
+        if num_speakers < 1:
+            raise ValueError(f"need at least one speaker, got {num_speakers}")
+        self.num_units, self.seed = num_units, seed
+        rng = random.Random(f"{seed}|voices")
+        self.voices = [Voice(f"toy_spk{s}", round(rng.uniform(1.0, 2.2), 2), rng.randint(2, 4))
+                       for s in range(num_speakers)]
+        self._cache: dict[str, tuple[int, ...]] = {}
+
+    def grapheme_units(self, char: str) -> tuple[int, ...]:
+        """The fixed units of one character: 2 for a letter or digit, 3 for other scripts (a CJK syllable is
+        longer), none for whitespace, punctuation and symbols (pauses are added by `speak`)."""
+        char = char.lower()
+        if char not in self._cache:
+            if not char.isalnum():
+                units: tuple[int, ...] = ()
+            else:
+                digest = hashlib.blake2b(char.encode("utf-8"), digest_size=16, person=b"cslm-toy").digest()
+                n = 2 if char.isascii() else 3
+                units = tuple(1 + int.from_bytes(digest[2 * i:2 * i + 2], "big") % (self.unit_range - 1)
+                              for i in range(n))
+            self._cache[char] = units
+        return self._cache[char]
+
+    def speak(self, text: str, speaker: int, key: str) -> tuple[list[int], list[dict]]:
+        """Units of `text` said by `speaker`, and word timestamps that tile them.
+
+        `key` (e.g. the utterance id) seeds the duration jitter, so the same sentence said twice differs.
+        """
+        voice = self.voices[speaker]
+        rng = random.Random(f"{self.seed}|{speaker}|{key}")
+        units: list[int] = []
+        words: list[dict] = []
+        for piece in split_pieces(text):
+            start = len(units)
+            for char in piece:
+                if char in PAUSE_MARKS:
+                    units += [SILENCE_UNIT] * voice.pause
+                for u in self.grapheme_units(char):
+                    units += [u] * max(1, round(rng.gauss(voice.rate, 0.5)))
+            if bare_word(piece) and any(c.isalnum() for c in piece):
+                words.append({"word": bare_word(piece), "start": start if words else 0, "end": len(units)})
+            elif words:  # an unspoken piece (a lone dash, a trailing space): its pause joins the word before
+                words[-1]["end"] = len(units)
+        if not words:
+            raise ValueError(f"nothing to say in {text!r}: no letters, digits or characters")
+        return units, words
+
+
+def _jsonl(path: Path, records: list[dict]) -> int:
+    with atomic_open(path) as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return len(records)
+
+
+def make_toy_corpus(out_dir: str | Path, num_units: int = 4096, seed: int = 0, speakers: int = 4) -> dict:
+    """Write the toy corpus (see module docstring) into `out_dir`; returns the info written to info.json."""
+    out_dir = Path(out_dir)
+    tts = ToySpeech(num_units=num_units, num_speakers=speakers, seed=seed)
+    pairs = parallel_sentences()
+    qa = qa_pairs()
+
+    manifest = []
+    for i, (en, zh) in enumerate(pairs):
+        for lang, text in (("en", en), ("zh", zh)):
+            for s, voice in enumerate(tts.voices):
+                uid = f"toy-{lang}-{i:03d}-{voice.name}"
+                units, words = tts.speak(text, s, uid)
+                manifest.append({"id": uid, "text": text, "lang": lang, "speaker": voice.name,
+                                 "units": units, "words": words})
+
+    parallel = []
+    for i, (en, zh) in enumerate(pairs):
+        rng = random.Random(f"{seed}|parallel|{i}")
+        pid = f"toy-par-{i:03d}"
+        rec = {"id": pid, "en": en, "zh": zh}
+        for lang, text in (("en", en), ("zh", zh)):
+            rec[f"{lang}_units"] = tts.speak(text, rng.randrange(speakers), f"{pid}-{lang}")[0]
+        parallel.append(rec)
+
+    instruct = [{"id": f"toy-ins-{lang}-{i:03d}", "lang": lang, "prompt": q[lang][0], "response": q[lang][1]}
+                for lang in ("en", "zh") for i, q in enumerate(qa)]
+
+    dialogues = []
+    for lang in ("en", "zh"):
+        rng = random.Random(f"{seed}|dialogue|{lang}")
+        order = list(range(len(qa)))
+        rng.shuffle(order)
+        # Every pair once as a single-turn dialogue, then pairs of them as two-turn dialogues.
+        convs = [[i] for i in range(len(qa))] + [order[k:k + 2] for k in range(0, len(order) - 1, 2)]
+        for n, conv in enumerate(convs):
+            did = f"toy-dlg-{lang}-{n:03d}"
+            user = rng.randrange(1, speakers) if speakers > 1 else ASSISTANT_SPEAKER
+            turns = []
+            for t, i in enumerate(conv):
+                question, answer = qa[i][lang]
+                q_units, _ = tts.speak(question, user, f"{did}-{t}-user")
+                a_units, a_words = tts.speak(answer, ASSISTANT_SPEAKER, f"{did}-{t}-assistant")
+                turns.append({"role": "user", "text": question, "units": q_units,
+                              "speaker": tts.voices[user].name})
+                turns.append({"role": "assistant", "text": answer, "units": a_units,
+                              "speaker": tts.voices[ASSISTANT_SPEAKER].name, "words": a_words})
+            dialogues.append({"id": did, "lang": lang, "turns": turns})
+
+    info = {
+        "synthetic": True,
+        "description": "megatron_cslm toy corpus: project-written sentences with SYNTHETIC speech units "
+                       "(fixed grapheme -> unit map, per-speaker durations); not real speech.",
+        "num_units": num_units, "unit_range": tts.unit_range, "silence_unit": SILENCE_UNIT, "seed": seed,
+        "speakers": [asdict(v) for v in tts.voices],
+        "files": {
+            "manifest.jsonl": _jsonl(out_dir / "manifest.jsonl", manifest),
+            "parallel.jsonl": _jsonl(out_dir / "parallel.jsonl", parallel),
+            "instruct.jsonl": _jsonl(out_dir / "instruct.jsonl", instruct),
+            "dialogue_sft.jsonl": _jsonl(out_dir / "dialogue_sft.jsonl", dialogues),
+        },
+    }
+    write_json(out_dir / "info.json", info)
+    return info

@@ -1,0 +1,127 @@
+"""Checkpoints in megatron-core `dist_checkpointing` format, Megatron-LM's directory layout.
+
+    <dir>/iter_0000020/                   dist_checkpointing save (model, optimizer, scheduler, data position)
+    <dir>/iter_0000020/extra_state/rank_00003.pt   per-rank RNG states (they differ by TP/PP rank)
+    <dir>/latest_checkpointed_iteration.txt        written last, atomically
+
+A save goes to `iter_XXXXXXX.tmp` and is renamed only after every rank finished, so a job killed mid-save
+leaves a `.tmp` directory that resume never picks. Global tensors make checkpoints loadable at any TP/PP.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_cslm.fileio import atomic_open
+
+TRACKER = "latest_checkpointed_iteration.txt"
+
+
+def iteration_dir(root: str | os.PathLike, iteration: int) -> Path:
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def latest_iteration(root: str | os.PathLike) -> int | None:
+    """The iteration named by the tracker file, or None for a fresh run. A tracker naming a missing or
+    incomplete directory is an error: silently restarting from scratch would throw away a run."""
+    tracker = Path(root) / TRACKER
+    if not tracker.exists():
+        return None
+    text = tracker.read_text().strip()
+    try:
+        iteration = int(text)
+    except ValueError as e:
+        raise ValueError(f"{tracker}: expected an iteration number, found {text!r}") from e
+    path = iteration_dir(root, iteration)
+    if not (path / "metadata.json").exists():
+        raise FileNotFoundError(f"{tracker} names iteration {iteration} but {path} is missing or incomplete")
+    return iteration
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:]),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "tracker": _tracker_states()}
+
+
+def _tracker_states() -> dict:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    return get_cuda_rng_tracker().get_states()
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    random.setstate(state["python"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _sharded_state(model: list, optimizer, scheduler, common: dict, is_loading: bool = False) -> dict:
+    state = {"model": model[0].module.sharded_state_dict() if hasattr(model[0], "module")
+             else model[0].sharded_state_dict()}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=is_loading)
+    if scheduler is not None:
+        state["opt_param_scheduler"] = scheduler.state_dict()
+    state["cslm"] = common
+    return state
+
+
+def save_checkpoint(root: str | os.PathLike, iteration: int, model: list, optimizer, scheduler,
+                    common: dict) -> Path:
+    """Collective save. `common` (iteration, consumed samples, args) must be identical on every rank."""
+    from megatron.core import dist_checkpointing
+
+    rank = dist.get_rank()
+    final = iteration_dir(root, iteration)
+    tmp = final.with_name(final.name + ".tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    dist_checkpointing.save(_sharded_state(model, optimizer, scheduler, common), str(tmp))
+    (tmp / "extra_state").mkdir(exist_ok=True)
+    with atomic_open(tmp / "extra_state" / f"rank_{rank:05d}.pt", "wb") as f:
+        torch.save(_rng_state(), f)
+    dist.barrier()
+    if rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        with atomic_open(Path(root) / TRACKER) as f:
+            f.write(f"{iteration}\n")
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(root: str | os.PathLike, iteration: int, model: list, optimizer, scheduler,
+                    restore_rng: bool = True) -> dict:
+    """Load model (+ optimizer/scheduler when given) from `root` at `iteration`; returns the common state."""
+    from megatron.core import dist_checkpointing
+
+    path = iteration_dir(root, iteration)
+    state = dist_checkpointing.load(_sharded_state(model, optimizer, scheduler, {}, is_loading=True), str(path))
+    target = model[0].module if hasattr(model[0], "module") else model[0]
+    target.load_state_dict(state["model"], strict=True)
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["opt_param_scheduler"])
+    extra = path / "extra_state" / f"rank_{dist.get_rank():05d}.pt"
+    if restore_rng and extra.exists():
+        _set_rng_state(torch.load(extra, weights_only=True))
+    return state.get("cslm", {})

@@ -1,0 +1,81 @@
+#!/usr/bin/env python
+"""Build packed SFT data: chain-of-modality JSONL -> `<prefix>.bin/.idx`, `<prefix>_modality.bin/.idx`,
+`<prefix>.stats.json`. See megatron_cslm/sft_data.py (input forms, layouts) and megatron_cslm/packing.py
+(storage, masks). Training mmaps the result with `megatron_cslm.packing.PackedSFTDataset`.
+
+Example:
+    tools/build_sft_data.py --input sft.jsonl --tokenizer-model ckpt/tokenizer --output-prefix data/sft \\
+        --seq-length 4096 --layout interleaved --chunk-words 7 --dedup-units
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megatron_cslm.fileio import DataError  # noqa: E402
+from megatron_cslm.packing import OVERLONG  # noqa: E402
+from megatron_cslm.sft_data import INSTRUCTIONS, LAYOUTS, SFTConfig, build_sft_data  # noqa: E402
+from megatron_cslm.tokenizer import SpeechTextTokenizer  # noqa: E402
+
+
+def get_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("input/output")
+    g.add_argument("--input", nargs="+", required=True, help="SFT JSONL files (.jsonl or .jsonl.gz)")
+    g.add_argument("--tokenizer-model", required=True,
+                   help="SpeechTextTokenizer directory (save_pretrained), or a plain HF tokenizer dir/tokenizer.json "
+                        "or SentencePiece .model that gets --num-units units")
+    g.add_argument("--num-units", type=int, default=4096, help="speech units in the vocabulary (default: 4096, "
+                                                               "CosyVoice S3)")
+    g.add_argument("--output-prefix", required=True, help="output path prefix (no extension)")
+    g.add_argument("--skip-bad-records", action="store_true",
+                   help="skip invalid records, counted by reason in the stats (default: stop at the first, "
+                        "naming file, line and field); malformed JSON always stops")
+    g = p.add_argument_group("layout")
+    g.add_argument("--layout", choices=LAYOUTS, default="interleaved",
+                   help="interleaved: [question] TQ [answer] TA1 SA1 TA2 SA2 ... (CSLM); sequential: TQ, whole TA, "
+                        "whole SA; text: TQ, TA only (default: interleaved)")
+    g.add_argument("--no-tq", action="store_true", help="drop '[question] TQ' (the question transcript)")
+    size = g.add_mutually_exclusive_group()
+    size.add_argument("--chunk-words", type=int, default=7,
+                      help="target TA chunk size in words; a CJK character counts as a word (default: 7)")
+    size.add_argument("--chunk-tokens", type=int, default=None, help="target TA chunk size in text tokens instead")
+    g.add_argument("--dedup-units", action="store_true",
+                   help="collapse repeated units (1 1 2 -> 1 2), to match deduplicated pretraining data")
+    g.add_argument("--system-prompt", default=None, help="system turn text (default: none; a record's own "
+                                                         "system turn wins)")
+    g.add_argument("--lang", choices=sorted(INSTRUCTIONS), default="en",
+                   help="instruction language for records without a 'lang' field (default: en)")
+    g = p.add_argument_group("packing")
+    g.add_argument("--seq-length", type=int, default=4096, help="tokens per packed bin (default: 4096)")
+    g.add_argument("--overlong", choices=OVERLONG, default="truncate",
+                   help="samples longer than --seq-length + 1 tokens: truncate or drop, counted (default: truncate)")
+    g.add_argument("--seed", type=int, default=0, help="seed for packing ties and bin order (default: 0)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args(argv)
+    tokenizer = SpeechTextTokenizer.load(args.tokenizer_model, args.num_units)
+    config = SFTConfig(layout=args.layout, with_tq=not args.no_tq, chunk_words=args.chunk_words,
+                       chunk_tokens=args.chunk_tokens, dedup_units=args.dedup_units,
+                       system_prompt=args.system_prompt, default_lang=args.lang)
+    try:
+        stats = build_sft_data(args.input, tokenizer, config, args.output_prefix, args.seq_length, args.overlong,
+                               args.seed, args.skip_bad_records)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    r = stats["records"]
+    print(f"records: read={r['read']} packed={r['written']} skipped={r['skipped_total']} {r['skipped']}")
+    print(f"bins={stats['bins']} fill={stats['fill_ratio']:.4f} truncated={stats['truncated']} "
+          f"loss tokens={json.dumps(stats['loss_tokens'])} -> {args.output_prefix}.stats.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
