@@ -329,4 +329,49 @@ def build_gpt_model(arch: LlamaArch, config, *, padded_vocab: int, spec: str | N
     )
     inv_freq = llama3_inv_freq(arch).to(model.rotary_pos_emb.inv_freq.device)
     model.rotary_pos_emb.inv_freq = inv_freq
+    if post_process and padded_vocab > arch.vocab_size:
+        model.output_layer.register_forward_hook(_padding_logits_mask(arch.vocab_size))
     return model
+
+
+def _padding_logits_mask(vocab_size: int):
+    """Forward hook on the output layer: logits of vocabulary-padding rows are -inf.
+
+    Padding rows exist only so the embedding splits evenly over TP ranks; their number changes with TP.
+    Masking them keeps them out of the softmax, so the loss does not depend on TP and padding is never
+    sampled; they get no gradient and are stripped on export.
+    """
+    from megatron.core import parallel_state
+
+    def hook(module, inputs, output):
+        logits, bias = output
+        shard = logits.shape[-1]
+        first = parallel_state.get_tensor_model_parallel_rank() * shard
+        if first + shard <= vocab_size:
+            return output
+        ids = torch.arange(first, first + shard, device=logits.device)
+        return logits.masked_fill(ids >= vocab_size, float("-inf")), bias
+
+    return hook
+
+
+MODEL_META = "cslm_model.json"
+
+
+def write_model_meta(directory: str | os.PathLike, arch: LlamaArch, tokenizer: str | None = "tokenizer") -> None:
+    """Record the architecture (and the tokenizer dir, relative to `directory`) next to a checkpoint, so
+    training, export and inference read one source of truth instead of repeating model flags."""
+    from megatron_cslm.fileio import write_json
+
+    write_json(Path(directory) / MODEL_META, {"arch": arch.to_dict(), "tokenizer": tokenizer})
+
+
+def read_model_meta(directory: str | os.PathLike) -> tuple[LlamaArch, Path | None]:
+    """(arch, absolute tokenizer dir or None) of a checkpoint directory written by us."""
+    path = Path(directory) / MODEL_META
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: {directory} is not a megatron_cslm checkpoint directory "
+                                "(convert HF weights with checkpoints_convert/hf_to_megatron.py)")
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    tokenizer = meta.get("tokenizer")
+    return LlamaArch.from_dict(meta["arch"]), (Path(directory) / tokenizer if tokenizer else None)

@@ -37,6 +37,9 @@ class AudioRejected(Exception):
         self.reason, self.detail = reason, detail
         super().__init__(f"{reason}: {detail}")
 
+    def __reduce__(self):  # crosses the worker pool: the default would call __init__ with the message only
+        return AudioRejected, (self.reason, self.detail)
+
 
 @dataclass(frozen=True)
 class AudioLimits:
@@ -265,8 +268,12 @@ def read_manifest(path: str | os.PathLike) -> list[ManifestItem]:
         items.append(ManifestItem(id_, audio, str(base / audio), text, lang))
 
     if path.suffix == ".tsv":
-        with open(path, encoding="utf-8") as f:
-            for line, row in enumerate(f, 1):
+        with open(path, "rb") as f:
+            for line, raw in enumerate(f, 1):
+                try:
+                    row = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(path, line, None, f"not valid UTF-8 ({e.reason} at byte {e.start})") from None
                 cols = row.rstrip("\r\n").split("\t")
                 if not row.strip() or (line == 1 and cols[:2] == ["id", "audio"]):
                     continue
@@ -283,18 +290,31 @@ def read_manifest(path: str | os.PathLike) -> list[ManifestItem]:
     return items
 
 
-def _done_ids(output: Path) -> set[str]:
-    """Ids already in `output`; drops a partial last line left by a killed run."""
+def _done_ids(output: Path, label: str) -> set[str]:
+    """Ids already in `output`; drops a partial last line left by a killed run and refuses to mix tokenizers."""
     if not output.exists():
         return set()
     with open(output, "rb+") as f:
-        data = f.read()
-        end = data.rfind(b"\n") + 1
-        if end < len(data):
-            print(f"{output}: dropping an incomplete last line ({len(data) - end} bytes) from an interrupted run",
+        size = end = f.seek(0, os.SEEK_END)
+        while end > 0:  # scan back from the end for the last newline
+            start = max(0, end - (1 << 20))
+            f.seek(start)
+            newline = f.read(end - start).rfind(b"\n")
+            if newline >= 0:
+                end = start + newline + 1
+                break
+            end = start
+        if end < size:
+            print(f"{output}: dropping an incomplete last line ({size - end} bytes) from an interrupted run",
                   file=sys.stderr)
             f.truncate(end)
-    return {rec["id"] for _, rec in iter_jsonl(output)}
+    done = set()
+    for line, rec in iter_jsonl(output):
+        if rec.get("tokenizer") != label:
+            raise DataError(output, line, "tokenizer", f"{rec.get('tokenizer')!r} differs from this run's {label!r}: "
+                                                       "resuming would mix units of two tokenizers")
+        done.add(rec["id"])
+    return done
 
 
 def _load(item: ManifestItem, limits: AudioLimits) -> tuple[np.ndarray, int] | AudioRejected:
@@ -307,14 +327,27 @@ def _load(item: ManifestItem, limits: AudioLimits) -> tuple[np.ndarray, int] | A
         return AudioRejected("unreadable", f"{type(e).__name__}: {e}")
 
 
+def _record(item: ManifestItem, units: list[int], num_samples: int, dedup: bool, label: str) -> dict:
+    rec = {"id": item.id, "audio": item.audio, "text": item.text, "lang": item.lang}
+    if dedup:
+        merged, durations = dedup_units(units)
+        rec.update(units=merged, durations=durations)
+    else:
+        rec["units"] = units
+    rec.update(num_frames=len(units), sample_rate=SAMPLE_RATE, tokenizer=label,
+               duration_s=round(num_samples / SAMPLE_RATE, 4))
+    return rec
+
+
 def tokenize_manifest(manifest: str | os.PathLike, output: str | os.PathLike, extractor: UnitExtractor,
                       workers: int = 0, dedup: bool = False, limits: AudioLimits = AudioLimits(),
                       rejects: str | os.PathLike | None = None, chunk_items: int = 64,
                       progress: bool = True) -> dict:
     """Tokenize every manifest item not yet in `output` (JSONL, appended chunk by chunk, so runs resume).
 
-    Rejected items go to `rejects` (TSV id, path, reason, detail; default `<output>.rejects.tsv`) and are retried
-    on the next run. Returns stats (also written to `<output>.stats.json`): read = written + skipped by reason.
+    `workers` processes decode the next chunk of files while the model runs on this one. Rejected items go to
+    `rejects` (TSV id, path, reason, detail; default `<output>.rejects.tsv`) and are retried on the next run.
+    Returns stats (also written to `<output>.stats.json`): read = written + skipped by reason.
     """
     from tqdm import tqdm
 
@@ -322,48 +355,43 @@ def tokenize_manifest(manifest: str | os.PathLike, output: str | os.PathLike, ex
     rejects = Path(rejects) if rejects else output.with_name(output.name + ".rejects.tsv")
     items = read_manifest(manifest)
     output.parent.mkdir(parents=True, exist_ok=True)
-    done = _done_ids(output)
+    done = _done_ids(output, extractor.label)
     todo = [it for it in items if it.id not in done]
+    chunks = [todo[i:i + chunk_items] for i in range(0, len(todo), chunk_items)]
     counter, rejected = SkipCounter(), []
     seconds = units_total = 0
     load = functools.partial(_load, limits=limits)
     # Workers only decode files (numpy/libsndfile); torch work stays in this process, so fork is safe.
     pool = multiprocessing.get_context("fork").Pool(workers) if workers > 0 else None
+
+    def decode(chunk: list[ManifestItem]):  # at most one chunk decoded ahead: memory stays bounded
+        return pool.map_async(load, chunk) if pool else [load(it) for it in chunk]
+
     try:
-        decoded = pool.imap(load, todo, chunksize=4) if pool else map(load, todo)
-        bar = tqdm(total=len(todo), unit="file", desc="tokenize", disable=not progress)
-        with open(output, "a", encoding="utf-8") as out:
-            for start in range(0, len(todo), chunk_items):
-                chunk = todo[start:start + chunk_items]
-                results = [next(decoded) for _ in chunk]
+        pending = decode(chunks[0]) if chunks else None
+        with open(output, "a", encoding="utf-8") as out, \
+                tqdm(total=len(todo), unit="file", desc="tokenize", disable=not progress) as bar:
+            for k, chunk in enumerate(chunks):
+                results = pending.get() if pool else pending
+                if k + 1 < len(chunks):
+                    pending = decode(chunks[k + 1])
                 counter.read += len(chunk)
-                good = [(it, r) for it, r in zip(chunk, results) if not isinstance(r, AudioRejected)]
+                good = []
                 for it, r in zip(chunk, results):
                     if isinstance(r, AudioRejected):
                         counter.skip(r.reason, f"{it.id}: {r.detail}")
                         rejected.append((it.id, it.path, r.reason, r.detail))
-                waves = [to_16k(audio, rate, extractor.device) for _, (audio, rate) in good]
-                lines = []
-                for (it, _), wave, units in zip(good, waves, extractor(waves)):
-                    rec = {"id": it.id, "audio": it.audio, "text": it.text, "lang": it.lang}
-                    frames = len(units)
-                    if dedup:
-                        units, durations = dedup_units(units)
-                        rec.update(units=units, durations=durations)
                     else:
-                        rec["units"] = units
-                    duration = wave.numel() / SAMPLE_RATE
-                    rec.update(num_frames=frames, sample_rate=SAMPLE_RATE, tokenizer=extractor.label,
-                               duration_s=round(duration, 4))
-                    lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
-                    seconds += duration
-                    units_total += frames
-                out.writelines(lines)  # whole lines per chunk, flushed: a crash loses at most this chunk
-                out.flush()
+                        good.append((it, to_16k(*r, extractor.device)))
+                recs = [_record(it, units, wave.numel(), dedup, extractor.label)
+                        for (it, wave), units in zip(good, extractor([wave for _, wave in good]))]
+                out.writelines(json.dumps(rec, ensure_ascii=False) + "\n" for rec in recs)
+                out.flush()  # whole lines per chunk, synced: a crash loses at most this chunk
                 os.fsync(out.fileno())
-                counter.written += len(lines)
+                counter.written += len(recs)
+                seconds += sum(rec["duration_s"] for rec in recs)
+                units_total += sum(rec["num_frames"] for rec in recs)
                 bar.update(len(chunk))
-        bar.close()
     finally:
         if pool:
             pool.terminate()

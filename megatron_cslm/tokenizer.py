@@ -18,10 +18,13 @@ from typing import Iterable, Literal, Sequence
 
 import numpy as np
 
+from megatron_cslm.fileio import atomic_path, write_json
+
 # Llama-3.1 chat format; content is trimmed like Meta's template so HF apply_chat_template matches it.
 LLAMA31_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
-    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim"
+    " + '<|eot_id|>' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
 )
 META_FILE = "cslm_tokenizer.json"
@@ -50,31 +53,49 @@ class Segment:
 
 
 class SegmentError(ValueError):
-    """A malformed segment; `field` names it (e.g. ``segments[2].units``) so callers can locate the error."""
+    """A malformed segment. `field` names it (e.g. ``segments[2].units``) so callers can locate the error;
+    `kind` ("wrong_type", "missing_field", "empty", "bad_units") lets tools count skipped records by reason."""
 
-    def __init__(self, field: str, message: str):
-        self.field, self.reason = field, message
+    def __init__(self, field: str, kind: str, message: str):
+        self.field, self.kind, self.reason = field, kind, message
         super().__init__(f"{field}: {message}")
+
+    def __reduce__(self):  # picklable across worker pools (the default would call __init__ with the message only)
+        return SegmentError, (self.field, self.kind, self.reason)
 
 
 class _HFText:
     """Hugging Face `tokenizers` backend (tokenizer.json); base specials such as <|eot_id|> are its added tokens."""
 
-    kind = "hf"
+    markers: dict[str, int] = {}  # the tokenizer parses its own specials
 
-    def __init__(self, path: Path, drop: set[str]):
+    def __init__(self, path: Path, ours: set[str]):
         from tokenizers import Tokenizer
 
         self.path = path
         self.tok = Tokenizer.from_file(str(path))
-        if any(t.content in drop for t in self.tok.get_added_tokens_decoder().values()):
-            # A saved SpeechTextTokenizer: strip our added tokens to recover the base vocabulary.
-            spec = json.loads(path.read_text(encoding="utf-8"))
-            spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] not in drop]
-            self.tok = Tokenizer.from_str(json.dumps(spec))
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        saved = [i for i, t in self.tok.get_added_tokens_decoder().items() if t.content in ours]
+        if saved:
+            # A saved SpeechTextTokenizer: units and specials sit on top of the base vocabulary. They can stay in
+            # this backend, since encode_text extracts them before any text reaches it.
+            if sorted(saved) != list(range(min(saved), self.vocab_size)):
+                raise ValueError(f"{path}: unit/special tokens are not the contiguous top of the vocabulary")
+            self.vocab_size = min(saved)
         config = path.parent / "tokenizer_config.json"
         self.config = json.loads(config.read_text(encoding="utf-8")) if config.exists() else {}
+        self.eod_id = self._first_id("<|end_of_text|>", self._config_token("eos_token"), "</s>")
+        if self.eod_id is None:
+            raise ValueError(f"{path}: cannot find an end-of-document token (<|end_of_text|>, eos_token or </s>)")
+        self.bos_id = self._first_id("<|begin_of_text|>", self._config_token("bos_token"), "<s>")
+
+    def _config_token(self, key: str) -> str | None:
+        value = self.config.get(key)
+        return value.get("content") if isinstance(value, dict) else value
+
+    def _first_id(self, *tokens: str | None) -> int | None:
+        ids = [self.tok.token_to_id(t) for t in tokens if t is not None]
+        return next((i for i in ids if i is not None), None)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         if len(texts) == 1:
@@ -84,30 +105,10 @@ class _HFText:
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=False)
 
-    def token_to_id(self, token: str) -> int | None:
-        return self.tok.token_to_id(token)
-
-    def _config_token(self, key: str) -> str | None:
-        value = self.config.get(key)
-        return value.get("content") if isinstance(value, dict) else value
-
-    def eod_id(self) -> int:
-        for token in ("<|end_of_text|>", self._config_token("eos_token"), "</s>"):
-            if token is not None and self.token_to_id(token) is not None:
-                return self.token_to_id(token)
-        raise ValueError(f"{self.path}: cannot find an end-of-document token (<|end_of_text|>, eos_token or </s>)")
-
-    def bos_id(self) -> int | None:
-        for token in ("<|begin_of_text|>", self._config_token("bos_token"), "<s>"):
-            if token is not None and self.token_to_id(token) is not None:
-                return self.token_to_id(token)
-        return None
-
 
 class _SPText:
-    """SentencePiece backend. Control pieces (<s>, </s>) are rendered and parsed as text so decode/encode invert."""
-
-    kind = "sentencepiece"
+    """SentencePiece backend. It drops control pieces (<s>, </s>) when decoding and never produces them from
+    text, so they are `markers`: rendered and parsed by SpeechTextTokenizer like its own specials."""
 
     def __init__(self, path: Path):
         import sentencepiece as spm
@@ -115,47 +116,17 @@ class _SPText:
         self.path = path
         self.sp = spm.SentencePieceProcessor(model_file=str(path))
         self.vocab_size = self.sp.get_piece_size()
-        self.control = {self.sp.id_to_piece(i): i for i in range(self.vocab_size) if self.sp.is_control(i)}
-        self.control_re = (re.compile("|".join(re.escape(p) for p in sorted(self.control, key=len, reverse=True)))
-                           if self.control else None)
+        self.markers = {self.sp.id_to_piece(i): i for i in range(self.vocab_size) if self.sp.is_control(i)}
+        if self.sp.eos_id() < 0:
+            raise ValueError(f"{path}: SentencePiece model has no eos piece to use as end-of-document")
+        self.eod_id = self.sp.eos_id()
+        self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        if self.control_re is None:
-            return self.sp.encode(texts, out_type=int)
-        out = []
-        for text in texts:
-            ids, pos = [], 0
-            for m in self.control_re.finditer(text):
-                if m.start() > pos:
-                    ids += self.sp.encode(text[pos:m.start()], out_type=int)
-                ids.append(self.control[m.group()])
-                pos = m.end()
-            if pos < len(text):
-                ids += self.sp.encode(text[pos:], out_type=int)
-            out.append(ids)
-        return out
+        return self.sp.encode(texts, out_type=int)
 
     def decode(self, ids: list[int]) -> str:
-        out, run = [], []
-        for i in ids:
-            if self.sp.is_control(i):
-                out += [self.sp.decode(run), self.sp.id_to_piece(i)]
-                run = []
-            else:
-                run.append(i)
-        return "".join(out) + self.sp.decode(run)
-
-    def token_to_id(self, token: str) -> int | None:
-        i = self.sp.piece_to_id(token)
-        return None if i == self.sp.unk_id() and token != self.sp.id_to_piece(i) else i
-
-    def eod_id(self) -> int:
-        if self.sp.eos_id() < 0:
-            raise ValueError(f"{self.path}: SentencePiece model has no eos piece to use as end-of-document")
-        return self.sp.eos_id()
-
-    def bos_id(self) -> int | None:
-        return self.sp.bos_id() if self.sp.bos_id() >= 0 else None
+        return self.sp.decode(ids)
 
 
 class SpeechTextTokenizer:
@@ -184,21 +155,21 @@ class SpeechTextTokenizer:
                 raise FileNotFoundError(f"{path}: no tokenizer.json or tokenizer.model in this directory")
         elif not path.exists():
             raise FileNotFoundError(f"{path}: tokenizer file not found")
-        self._ours = set(specials.as_list())
-        self.text = _HFText(path, self._ours | {f"<{k}>" for k in range(num_units)}) if path.suffix == ".json" \
-            else _SPText(path)
+        ours = set(specials.as_list()) | {f"<{k}>" for k in range(num_units)}
+        self.text = _HFText(path, ours) if path.suffix == ".json" else _SPText(path)
 
         self.base_vocab_size = self.text.vocab_size
         self.unit_offset = self.base_vocab_size
         self.sosp_id, self.eosp_id, self.question_id, self.answer_id = range(
             self.unit_offset + num_units, self.unit_offset + num_units + 4)
         self.vocab_size = self.unit_offset + num_units + 4
-        self.eod_id = self.text.eod_id()
-        self.bos_id = self.text.bos_id()
-        self._special_ids = dict(zip(specials.as_list(), range(self.sosp_id, self.vocab_size)))
-        self._special_strs = {v: k for k, v in self._special_ids.items()}
-        # Longest alternative first so e.g. "<sosp>" never loses to a shorter special at the same position.
-        alts = [re.escape(s) for s in sorted(self._special_ids, key=len, reverse=True)]
+        self.eod_id, self.bos_id = self.text.eod_id, self.text.bos_id
+        # Strings encoded to one id without BPE (besides "<k>" units), and their ids.
+        ours_ids = dict(zip(specials.as_list(), range(self.sosp_id, self.vocab_size)))
+        self._marker_ids = {**self.text.markers, **ours_ids}
+        self._marker_strs = {v: k for k, v in self._marker_ids.items()}
+        # Longest alternative first so e.g. "<sosp>" never loses to a shorter marker at the same position.
+        alts = [re.escape(s) for s in sorted(self._marker_ids, key=len, reverse=True)]
         self._marker_re = re.compile("|".join(alts + [r"<(0|[1-9][0-9]{0,8})>"]))
 
     @classmethod
@@ -217,14 +188,15 @@ class SpeechTextTokenizer:
         return tok
 
     @classmethod
-    def load(cls, path: str | Path, num_units: int = 4096) -> "SpeechTextTokenizer":
-        """Load a saved SpeechTextTokenizer directory, or wrap a plain text tokenizer with `num_units` units."""
+    def load(cls, path: str | Path, num_units: int | None = None) -> "SpeechTextTokenizer":
+        """A saved SpeechTextTokenizer directory (num_units, if given, must match it), or a plain text tokenizer
+        extended with `num_units` (default 4,096) units."""
         if (Path(path) / META_FILE).exists():
             tok = cls.from_pretrained(path)
-            if tok.num_units != num_units:
+            if num_units is not None and tok.num_units != num_units:
                 raise ValueError(f"{path} was saved with {tok.num_units} units, but num_units={num_units}")
             return tok
-        return cls(path, num_units)
+        return cls(path, 4096 if num_units is None else num_units)
 
     def padded_vocab_size(self, multiple: int) -> int:
         """Vocab size rounded up to `multiple` (Megatron pads embeddings for tensor-parallel splits)."""
@@ -250,7 +222,7 @@ class SpeechTextTokenizer:
                 if m.start() > pos:
                     pieces.append(text[pos:m.start()])
                     plan.append(None)
-                plan.append(self.unit_offset + int(unit) if unit is not None else self._special_ids[m.group()])
+                plan.append(self.unit_offset + int(unit) if unit is not None else self._marker_ids[m.group()])
                 pos = m.end()
             if pos < len(text):
                 pieces.append(text[pos:])
@@ -289,23 +261,27 @@ class SpeechTextTokenizer:
         texts, where = [], []
         for i, seg in enumerate(segments):
             if not isinstance(seg, dict):
-                raise SegmentError(f"segments[{i}]", f"expected an object, got {type(seg).__name__}")
+                raise SegmentError(f"segments[{i}]", "wrong_type", f"expected an object, got {type(seg).__name__}")
             if "units" in seg:
                 units = seg["units"]
-                if not isinstance(units, list) or not units:
-                    raise SegmentError(f"segments[{i}].units", "expected a non-empty list of unit ids")
+                if not isinstance(units, list):
+                    raise SegmentError(f"segments[{i}].units", "wrong_type", "expected a list of unit ids")
+                if not units:
+                    raise SegmentError(f"segments[{i}].units", "empty", "expected a non-empty list of unit ids")
                 try:
                     out[i] = self.encode_units(units)
                 except ValueError as e:
-                    raise SegmentError(f"segments[{i}].units", str(e)) from None
+                    raise SegmentError(f"segments[{i}].units", "bad_units", str(e)) from None
             elif "text" in seg:
                 text = seg["text"]
-                if not isinstance(text, str) or not text:
-                    raise SegmentError(f"segments[{i}].text", "expected a non-empty string")
+                if not isinstance(text, str):
+                    raise SegmentError(f"segments[{i}].text", "wrong_type", "expected a string")
+                if not text:
+                    raise SegmentError(f"segments[{i}].text", "empty", "expected a non-empty string")
                 texts.append(text)
                 where.append(i)
             else:
-                raise SegmentError(f"segments[{i}]", "needs a 'text' or a 'units' field")
+                raise SegmentError(f"segments[{i}]", "missing_field", "needs a 'text' or a 'units' field")
         for i, ids in zip(where, self._encode_texts(texts) if texts else []):
             out[i] = ids
         return out
@@ -321,16 +297,15 @@ class SpeechTextTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         """Text with units rendered as "<k>" and specials as their strings (inverse of `encode_text`)."""
         out, run = [], []
-        for i in ids:
-            i = int(i)
-            if i < self.base_vocab_size and i >= 0:
+        for i in map(int, ids):
+            if 0 <= i < self.base_vocab_size and i not in self._marker_strs:
                 run.append(i)
                 continue
             self._check_id(i)
             if run:
                 out.append(self.text.decode(run))
                 run = []
-            out.append(f"<{i - self.unit_offset}>" if self.is_unit(i) else self._special_strs[i])
+            out.append(f"<{i - self.unit_offset}>" if self.is_unit(i) else self._marker_strs[i])
         if run:
             out.append(self.text.decode(run))
         return "".join(out)
@@ -367,14 +342,15 @@ class SpeechTextTokenizer:
         meta = {"format": 1, "num_units": self.num_units, "specials": asdict(self.specials),
                 "base_vocab_size": self.base_vocab_size}
         if isinstance(self.text, _SPText):
-            # No lossless SentencePiece -> tokenizer.json conversion exists for arbitrary models, so only
-            # from_pretrained restores this one.
-            shutil.copyfile(self.text.path, path / "tokenizer.model")
+            # transformers converts SentencePiece models to tokenizer.json only per model family, so a saved
+            # SentencePiece tokenizer is for from_pretrained, not AutoTokenizer.
+            with atomic_path(path / "tokenizer.model") as tmp:
+                shutil.copyfile(self.text.path, tmp)
             meta["text_tokenizer"] = "tokenizer.model"
         else:
             self._save_hf(path)
             meta["text_tokenizer"] = "tokenizer.json"
-        (path / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        write_json(path / META_FILE, meta)
 
     def _save_hf(self, path: Path) -> None:
         from tokenizers import AddedToken, Tokenizer
@@ -386,12 +362,12 @@ class SpeechTextTokenizer:
         if got != [self.unit_offset, self.vocab_size - 1]:
             raise RuntimeError(f"added tokens got ids {got}, expected {[self.unit_offset, self.vocab_size - 1]}: "
                                "the base vocabulary is not contiguous")
-        tok.save(str(path / "tokenizer.json"))
+        with atomic_path(path / "tokenizer.json") as tmp:
+            tok.save(str(tmp))
         src = self.text.config
-        bos = self.bos_id if self.bos_id is not None else None
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": src.get("bos_token", tok.id_to_token(bos) if bos is not None else None),
+            "bos_token": src.get("bos_token", None if self.bos_id is None else tok.id_to_token(self.bos_id)),
             "eos_token": src.get("eos_token", tok.id_to_token(self.eod_id)),
             "clean_up_tokenization_spaces": False,  # HF's cleanup would rewrite text ("a ." -> "a.")
             "model_max_length": src.get("model_max_length", 131072),
@@ -399,5 +375,4 @@ class SpeechTextTokenizer:
         }
         if "pad_token" in src:
             config["pad_token"] = src["pad_token"]
-        (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
-                                                    encoding="utf-8")
+        write_json(path / "tokenizer_config.json", config)

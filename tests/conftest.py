@@ -1,9 +1,14 @@
-"""Shared test fixtures: real tokenizer files shipped by installed packages (no hub downloads)."""
+"""Shared test fixtures: real tokenizer files (shipped by installed packages or trained here, no hub downloads)."""
 from __future__ import annotations
 
+import io
+import random
 from pathlib import Path
 
 import pytest
+
+EN = ["Hello world.", " The cat sat on the mat,", " speech units are fun!", " What's 12 + 30?", "\nNew line"]
+ZH = ["你好，世界。", "今天天气怎么样？", "机器学习", "中国有多少个省？", "我们去公园吧"]
 
 
 @pytest.fixture(scope="session")
@@ -20,3 +25,28 @@ def speech_tokenizer(llama3_tokenizer_path):
     from megatron_cslm.tokenizer import SpeechTextTokenizer
 
     return SpeechTextTokenizer(llama3_tokenizer_path)
+
+
+@pytest.fixture(scope="session")
+def sp_model_path(tmp_path_factory) -> Path:
+    """A 300-piece SentencePiece BPE model trained here on generated English/Chinese text (~0.3 s)."""
+    import sentencepiece as spm
+
+    rng = random.Random(0)
+    syllables = [c + v for c in "bcdfghklmnprstwz" for v in "aeiou"]
+    words = ["".join(rng.choices(syllables, k=rng.randint(1, 3))) for _ in range(300)]
+    lines = [" ".join(rng.choices(EN + ZH + words, k=8)) for _ in range(3000)]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=300,
+                                   model_type="bpe", character_coverage=1.0, minloglevel=2)
+    path = tmp_path_factory.mktemp("sp") / "toy.model"
+    path.write_bytes(model.getvalue())
+    return path
+
+
+@pytest.fixture(scope="session")
+def toy_pretrain(tmp_path_factory):
+    """Toy corpus -> toy tokenizer -> pretraining documents -> .bin/.idx (built once per test session)."""
+    from tests.toy_pipeline import build_toy_pretrain
+
+    return build_toy_pretrain(tmp_path_factory.mktemp("toy_pretrain"))

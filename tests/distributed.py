@@ -9,14 +9,40 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def torchrun_command(script: str | Path, nproc: int, *args: str) -> list[str]:
+    """`script` is a file path, or `-m package.module`."""
+    target = ["-m", str(script)[3:]] if str(script).startswith("-m ") else [str(script)]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            *target, *map(str, args)]
+
+
+def worker_env(env: dict | None = None) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TORCH_CPP_LOG_LEVEL": "ERROR",
+            "PYTHONWARNINGS": "ignore", **(env or {})}
+
+
 def torchrun(script: str | Path, nproc: int, *args: str, timeout: int = 600, check: bool = True,
              env: dict | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           str(script), *map(str, args)]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TORCH_CPP_LOG_LEVEL": "ERROR",
-                "PYTHONWARNINGS": "ignore", **(env or {})}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT)
+    proc = subprocess.run(torchrun_command(script, nproc, *args), capture_output=True, text=True, timeout=timeout,
+                          env=worker_env(env), cwd=ROOT)
     if check and proc.returncode != 0:
         raise AssertionError(f"torchrun {script} failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n"
                              f"{proc.stderr[-8000:]}")
     return proc
+
+
+def descendants(pid: int) -> list[int]:
+    """All descendant pids (torchrun starts its workers in their own sessions, so killpg misses them)."""
+    out = []
+    for child in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split():
+        out += [int(child), *descendants(int(child))]
+    return out
+
+
+def signal_workers(proc: subprocess.Popen, sig: int) -> None:
+    """Send `sig` to the training processes under a torchrun launcher (as SLURM or the OOM killer would)."""
+    for pid in descendants(proc.pid):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass

@@ -22,6 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from megatron_cslm.fileio import DataError
 from megatron_cslm.inference import SamplingConfig, SpeechLM, build_prompt
 from megatron_cslm.inference.sampling import ModalityConstraint
 from megatron_cslm.inference.vocab import Vocab
@@ -331,7 +332,7 @@ def test_decode_tool_units_file(models, tmp_path):
     assert [c["kind"] for c in records[5]["chunks"]] == ["tq"] + ["ta", "sa"] * 3
 
     unit_file.write_text("<sosp><12><x><eosp>\n", encoding="utf-8")
-    with pytest.raises(Exception, match=r"units\.txt:1: field 'units'"):
+    with pytest.raises(DataError, match=r"units\.txt:1: field 'units'"):
         decode.main(["--lang", "zh", "--unit", str(unit_file), "--model-name-or-path", str(models["interleaved"]),
                      "--output-dir", str(tmp_path / "bad")])
 
@@ -348,3 +349,27 @@ def test_decode_tool_belle_audio(models, tmp_path):
     assert [r["question"] for r in responses] == [str(BELLE / "wav" / f"{k}.wav") for k in QUESTIONS]
     assert [r["tq"] for r in responses] == list(QUESTIONS.values())
     assert all(r["response"].startswith("[question]") and not r["warnings"] for r in responses)
+
+
+@pytest.mark.timeout(60)
+def test_sampling():
+    from megatron_cslm.inference.sampling import sample, top_p_filter
+
+    torch.manual_seed(0)
+    for top_p in (0.1, 0.7, 0.99):
+        for scale in (1.0, 3.0, 20.0):  # flat to peaked: the candidate set is widened when needed
+            logits = torch.randn(3, 20000) * scale
+            ordered, order = logits.sort(dim=-1, descending=True)
+            probs = ordered.double().softmax(-1)
+            reference = logits.scatter(-1, order, ordered.masked_fill(probs.cumsum(-1) - probs >= top_p,
+                                                                      float("-inf")))
+            assert torch.equal(top_p_filter(logits, top_p, first_k=64), reference)
+    logits = torch.tensor([[0.0, 3.0, 2.9, -1.0]])
+    draw = lambda config, seed: sample(logits, config, [torch.Generator().manual_seed(seed)]).item()  # noqa: E731
+    assert draw(SamplingConfig(temperature=0), 0) == 1
+    assert {draw(SamplingConfig(top_p=0.3), s) for s in range(20)} == {1}
+    assert {draw(SamplingConfig(top_k=2, top_p=1.0), s) for s in range(40)} == {1, 2}
+    assert [draw(SamplingConfig(top_p=1.0), s) for s in range(10)] == [draw(SamplingConfig(top_p=1.0), s)
+                                                                        for s in range(10)]
+    with pytest.raises(ValueError):
+        SamplingConfig(top_p=0)

@@ -26,7 +26,7 @@ def classes(speech_tokenizer):
     tok, v = speech_tokenizer, Vocab.of(speech_tokenizer)
     return {
         "t": tok.encode_text("Hi")[0], "u": tok.unit_offset + 17, "s": v.sosp, "e": v.eosp, "q": v.question,
-        "a": v.answer, "z": tok.text.token_to_id("<|eot_id|>"), "c": tok.text.token_to_id("<|start_header_id|>"),
+        "a": v.answer, "z": 128009, "c": 128006,  # <|eot_id|>, <|start_header_id|>
         "p": v.size + 3,  # an embedding padding row
     }
 

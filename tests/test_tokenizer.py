@@ -1,15 +1,13 @@
 """SpeechTextTokenizer: vocabulary layout, textual unit form, round trips (Llama-3 and SentencePiece), HF parity."""
 from __future__ import annotations
 
-import io
 import random
 
 import pytest
 
 from megatron_cslm.tokenizer import Segment, SegmentError, SpecialTokens, SpeechTextTokenizer
 
-EN = ["Hello world.", " The cat sat on the mat,", " speech units are fun!", " What's 12 + 30?", "\nNew line"]
-ZH = ["你好，世界。", "今天天气怎么样？", "机器学习", "中国有多少个省？", "我们去公园吧"]
+from conftest import EN, ZH
 
 
 def random_segments(rng: random.Random, num_units: int, n: int = 8) -> list[dict]:
@@ -21,24 +19,6 @@ def random_segments(rng: random.Random, num_units: int, n: int = 8) -> list[dict
         else:
             segs.append({"units": [rng.randrange(num_units) for _ in range(rng.randint(1, 40))]})
     return segs
-
-
-@pytest.fixture(scope="module")
-def sp_model_path(tmp_path_factory):
-    """A ~300-piece SentencePiece model trained here on generated bilingual text."""
-    import sentencepiece as spm
-
-    rng = random.Random(0)
-    syllables = [c + v for c in "bcdfghklmnprstwz" for v in "aeiou"]
-    words = ["".join(rng.choices(syllables, k=rng.randint(1, 3))) for _ in range(300)]
-    lines = [" ".join(rng.choices(EN + ZH + words, k=8)) for _ in range(3000)]
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=300,
-                                   model_type="bpe", character_coverage=1.0,
-                                   minloglevel=2)
-    path = tmp_path_factory.mktemp("sp") / "toy.model"
-    path.write_bytes(model.getvalue())
-    return path
 
 
 @pytest.mark.timeout(60)

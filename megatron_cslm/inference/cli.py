@@ -10,6 +10,7 @@ from megatron_cslm.inference.generate import SpeechLM
 from megatron_cslm.inference.prompt import LANGUAGES
 from megatron_cslm.inference.sampling import SamplingConfig
 from megatron_cslm.sft_data import SFTConfig, SFTEncoder
+from megatron_cslm.speech_units import UNITS_PER_SECOND
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -42,14 +43,15 @@ def add_decoding_args(parser: argparse.ArgumentParser) -> None:
                    help="model precision (default: bfloat16 on GPU, float32 on CPU)")
     d = parser.add_argument_group("speech output").add_mutually_exclusive_group()
     d.add_argument("--unit-duration", type=int, default=None,
-                   help="model emits deduplicated units: repeat each unit this many 20 ms frames in "
-                        "speech_units.txt (default: units written as generated)")
+                   help="model emits deduplicated units: repeat each unit this many frames (1/50 s each for "
+                        "speech_tokenizer_v1) in speech_units.txt (default: units written as generated)")
     d.add_argument("--unit-duration-table", default=None,
                    help="JSON list (or {unit: frames} object) of each unit's mean duration in frames, measured on "
                         "training data, to re-expand deduplicated units")
     s = parser.add_argument_group("audio input (speech tokenizer)")
-    s.add_argument("--speech-tokenizer", default="speech_tokenizer_v1",
-                   help="S3 tokenizer variant: speech_tokenizer_v1 (50 units/s, CSLM's) or speech_tokenizer_v1_25hz")
+    s.add_argument("--speech-tokenizer", default="speech_tokenizer_v1", choices=sorted(UNITS_PER_SECOND),
+                   help="S3 tokenizer variant: speech_tokenizer_v1 (50 units/s, CSLM's; default) or "
+                        "speech_tokenizer_v1_25hz (25 units/s)")
     w = s.add_mutually_exclusive_group()
     w.add_argument("--tokenizer-weights", default=None, help="S3 tokenizer weights (.onnx, .pt or .safetensors)")
     w.add_argument("--random-init", action="store_true",

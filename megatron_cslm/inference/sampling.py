@@ -52,6 +52,25 @@ class ModalityConstraint:
         return (tokens == v.sosp) | (in_speech & is_unit)
 
 
+def top_p_filter(logits: torch.Tensor, top_p: float, first_k: int = 1024) -> torch.Tensor:
+    """Keep the smallest set of likeliest tokens whose probability reaches `top_p`; the rest get -inf.
+
+    Only the top `first_k` candidates are sorted (widened until they hold `top_p` of the mass): a full sort of
+    a 132k vocabulary costs more than the rest of a decoding step of a small model, and gives the same set.
+    """
+    probs = logits.double().softmax(-1)  # float64 so the boundary does not depend on summation order
+    k = min(first_k, logits.shape[-1])
+    while True:
+        top, index = probs.topk(k, dim=-1)
+        mass = top.cumsum(-1)
+        if k == logits.shape[-1] or bool((mass[:, -1] >= top_p).all()):
+            break
+        k = min(8 * k, logits.shape[-1])
+    drop = mass - top >= top_p  # the mass before this token already reaches top_p
+    kept = logits.gather(-1, index).masked_fill(drop, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, index, kept)
+
+
 def sample(logits: torch.Tensor, config: SamplingConfig, generators: list[torch.Generator]) -> torch.Tensor:
     """One token per row of `logits` [batch, vocab] (float32), row i drawing from generators[i]."""
     if config.temperature == 0:
@@ -61,10 +80,10 @@ def sample(logits: torch.Tensor, config: SamplingConfig, generators: list[torch.
         kth = logits.topk(min(config.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if config.top_p < 1:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # Keep the smallest prefix whose mass reaches top_p: drop a token when the mass before it already does.
-        drop = probs.cumsum(-1) - probs >= config.top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(-1)
-    return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
+        logits = top_p_filter(logits, config.top_p)
+    # Inverse-CDF draw: one uniform per row from that row's generator (torch.multinomial is ~50x slower on a
+    # 132k vocabulary on CPU). right=True never lands on a zero-probability token.
+    cdf = logits.softmax(-1).double().cumsum(-1)
+    u = torch.stack([torch.rand((), generator=g, device=g.device, dtype=torch.float64) for g in generators])
+    index = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+    return index.clamp(max=logits.shape[-1] - 1)

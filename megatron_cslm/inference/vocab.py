@@ -16,10 +16,14 @@ _TURN_END = "<|eot_id|>"
 
 
 def _control_ids(tok: SpeechTextTokenizer) -> frozenset[int]:
+    # SpeechTextTokenizer has no public list of its text vocabulary's control tokens yet: SentencePiece control
+    # pieces are its backend's `markers`; a tokenizer.json's are its special added tokens below our ids.
     backend = tok.text
-    if backend.kind == "hf":
-        return frozenset(i for i, t in backend.tok.get_added_tokens_decoder().items() if t.special)
-    return frozenset(backend.control.values())
+    ids = set(getattr(backend, "markers", {}).values())
+    hf = getattr(backend, "tok", None)
+    if hf is not None and hasattr(hf, "get_added_tokens_decoder"):
+        ids |= {i for i, t in hf.get_added_tokens_decoder().items() if t.special and i < tok.base_vocab_size}
+    return frozenset(ids)
 
 
 @dataclass(frozen=True)
@@ -39,9 +43,9 @@ class Vocab:
     @classmethod
     def of(cls, tok: SpeechTextTokenizer) -> "Vocab":
         stops = {tok.eod_id}
-        turn_end = tok.text.token_to_id(_TURN_END)
-        if turn_end is not None:
-            stops.add(turn_end)
+        turn_end = tok.encode_text(_TURN_END)
+        if len(turn_end) == 1:  # a single id only where the text vocabulary has the token
+            stops.add(turn_end[0])
         return cls(size=tok.vocab_size, unit_offset=tok.unit_offset, num_units=tok.num_units, sosp=tok.sosp_id,
                    eosp=tok.eosp_id, question=tok.question_id, answer=tok.answer_id, stops=frozenset(stops),
                    control=_control_ids(tok) | stops)

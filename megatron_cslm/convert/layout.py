@@ -1,0 +1,116 @@
+"""Where each Llama weight lives in a Hugging Face checkpoint and in a megatron-core `dist_checkpointing` one.
+
+megatron-core stores GLOBAL tensors, so one checkpoint serves every TP/PP layout:
+
+* decoder layers are stacked on a leading axis of size num_layers (global layer numbering; the PP offset is
+  applied by `TransformerBlock.sharded_state_dict`), one chunk per layer;
+* `linear_qkv` rows are grouped per KV group: [q heads of group g, k_g, v_g] for g in groups, which is what
+  lets TP split the fused matrix into contiguous row blocks;
+* `linear_fc1` is [gate; up] (`apply_swiglu_sharded_factory` saves the two halves as separately sharded
+  pieces of one global tensor, so the global layout does not depend on TP);
+* norms use Transformer Engine's fused names (`linear_qkv.layer_norm_weight`, `linear_fc1.layer_norm_weight`)
+  for both specs: megatron-core's local spec maps `input_layernorm.`/`pre_mlp_layernorm.` onto them through
+  `sharded_state_dict_keys_map`, so the same files load into the local (CPU) and TE (GPU) models;
+* every linear layer carries an `_extra_state` object (None for the local spec; TE accepts None too).
+
+HF and megatron-core both apply RoPE with the rotate-half convention, so q/k rows need no permutation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megatron_cslm.model import LlamaArch
+
+EMBEDDING = "embedding.word_embeddings.weight"
+OUTPUT = "output_layer.weight"
+FINAL_NORM = "decoder.final_layernorm.weight"
+QKV = "decoder.layers.self_attention.linear_qkv.weight"
+PROJ = "decoder.layers.self_attention.linear_proj.weight"
+FC1 = "decoder.layers.mlp.linear_fc1.weight"
+FC2 = "decoder.layers.mlp.linear_fc2.weight"
+ATTN_NORM = "decoder.layers.self_attention.linear_qkv.layer_norm_weight"
+MLP_NORM = "decoder.layers.mlp.linear_fc1.layer_norm_weight"
+LAYER_KEYS = (ATTN_NORM, QKV, PROJ, MLP_NORM, FC1, FC2)
+EXTRA_STATE_MODULES = ("decoder.layers.self_attention.linear_qkv", "decoder.layers.self_attention.linear_proj",
+                       "decoder.layers.mlp.linear_fc1", "decoder.layers.mlp.linear_fc2")
+
+
+def extra_state_key(module: str, layer: int, num_layers: int) -> str:
+    """Unique key megatron-core gives a per-layer `_extra_state` ShardedObject (`ShardedObject.unique_key`)."""
+    return f"{module}._extra_state/shard_{layer}_{num_layers}"
+
+
+def hf_layer_names(i: int) -> dict[str, str]:
+    prefix = f"model.layers.{i}."
+    return {
+        "attn_norm": prefix + "input_layernorm.weight",
+        "q": prefix + "self_attn.q_proj.weight",
+        "k": prefix + "self_attn.k_proj.weight",
+        "v": prefix + "self_attn.v_proj.weight",
+        "o": prefix + "self_attn.o_proj.weight",
+        "mlp_norm": prefix + "post_attention_layernorm.weight",
+        "gate": prefix + "mlp.gate_proj.weight",
+        "up": prefix + "mlp.up_proj.weight",
+        "down": prefix + "mlp.down_proj.weight",
+    }
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+
+
+def hf_tensor_specs(arch: LlamaArch) -> list[TensorSpec]:
+    """Every tensor of a HF LlamaForCausalLM with this arch, in Meta's file order (embeddings, layers, head)."""
+    h, d, f, v = arch.hidden_size, arch.head_dim, arch.ffn_hidden_size, arch.vocab_size
+    q_rows, kv_rows = arch.num_attention_heads * d, arch.num_query_groups * d
+    shapes = {"attn_norm": (h,), "q": (q_rows, h), "k": (kv_rows, h), "v": (kv_rows, h), "o": (h, q_rows),
+              "mlp_norm": (h,), "gate": (f, h), "up": (f, h), "down": (h, f)}
+    specs = [TensorSpec("model.embed_tokens.weight", (v, h))]
+    for i in range(arch.num_layers):
+        specs += [TensorSpec(name, shapes[part]) for part, name in hf_layer_names(i).items()]
+    specs.append(TensorSpec("model.norm.weight", (h,)))
+    if not arch.tie_word_embeddings:
+        specs.append(TensorSpec("lm_head.weight", (v, h)))
+    return specs
+
+
+def megatron_layer_shapes(arch: LlamaArch) -> dict[str, tuple[int, ...]]:
+    """Shape of one layer's slice of each stacked megatron-core layer tensor (without the layer axis)."""
+    h, d, f = arch.hidden_size, arch.head_dim, arch.ffn_hidden_size
+    qkv_rows = (arch.num_attention_heads + 2 * arch.num_query_groups) * d
+    return {ATTN_NORM: (h,), QKV: (qkv_rows, h), PROJ: (h, arch.num_attention_heads * d), MLP_NORM: (h,),
+            FC1: (2 * f, h), FC2: (h, f)}
+
+
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arch: LlamaArch) -> torch.Tensor:
+    """HF q/k/v projections -> megatron-core's per-group [q_g..., k_g, v_g] rows."""
+    groups, d, h = arch.num_query_groups, arch.head_dim, arch.hidden_size
+    per_group = arch.num_attention_heads // groups
+    return torch.cat([q.reshape(groups, per_group * d, h), k.reshape(groups, d, h), v.reshape(groups, d, h)],
+                     dim=1).reshape(-1, h)
+
+
+def split_qkv(qkv: torch.Tensor, arch: LlamaArch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of `fuse_qkv`."""
+    groups, d, h = arch.num_query_groups, arch.head_dim, arch.hidden_size
+    per_group = arch.num_attention_heads // groups
+    q, k, v = qkv.reshape(groups, (per_group + 2) * d, h).split([per_group * d, d, d], dim=1)
+    return q.reshape(-1, h), k.reshape(-1, h), v.reshape(-1, h)
+
+
+def hf_layer_to_megatron(t: dict[str, torch.Tensor], arch: LlamaArch) -> dict[str, torch.Tensor]:
+    """One layer's HF tensors (keyed by `hf_layer_names` parts) -> megatron-core layer slices."""
+    return {ATTN_NORM: t["attn_norm"], QKV: fuse_qkv(t["q"], t["k"], t["v"], arch), PROJ: t["o"],
+            MLP_NORM: t["mlp_norm"], FC1: torch.cat([t["gate"], t["up"]]), FC2: t["down"]}
+
+
+def megatron_layer_to_hf(t: dict[str, torch.Tensor], arch: LlamaArch) -> dict[str, torch.Tensor]:
+    """Inverse of `hf_layer_to_megatron` (views into the megatron tensors, no copies)."""
+    q, k, v = split_qkv(t[QKV], arch)
+    gate, up = t[FC1].chunk(2)
+    return {"attn_norm": t[ATTN_NORM], "q": q, "k": k, "v": v, "o": t[PROJ], "mlp_norm": t[MLP_NORM],
+            "gate": gate, "up": up, "down": t[FC2]}

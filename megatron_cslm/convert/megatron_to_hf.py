@@ -1,0 +1,103 @@
+"""megatron-core checkpoint (any TP x PP it was trained at) -> HF Llama directory, without custom code.
+
+Reads one decoder layer at a time from the global tensors and streams HF safetensors shards (~5 GB, like
+Meta's) with `model.safetensors.index.json`. Embedding padding rows are dropped (config.json carries the
+unpadded vocabulary), RoPE scaling is written in the classic `rope_theta` + `rope_scaling` form that vLLM
+and older transformers read, and the tokenizer saved with the checkpoint (speech units as added tokens,
+Llama-3.1 chat template) is copied alongside.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from megatron_cslm.convert.dist_ckpt import DistCheckpointReader
+from megatron_cslm.convert.hf_to_megatron import TOKENIZER_FILES
+from megatron_cslm.convert.layout import (EMBEDDING, FINAL_NORM, LAYER_KEYS, OUTPUT, hf_layer_names,
+                                          hf_tensor_specs, megatron_layer_shapes, megatron_layer_to_hf)
+from megatron_cslm.convert.manifest import ModelManifest, resolve_checkpoint
+from megatron_cslm.convert.safetensors_io import INDEX_FILE, ShardedSafetensorsWriter
+from megatron_cslm.fileio import DataError, write_json
+from megatron_cslm.model import LlamaArch
+from megatron_cslm.training.checkpoint import iteration_dir
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+TURN_END = "<|eot_id|>"
+
+
+def check_shapes(reader: DistCheckpointReader, arch: LlamaArch, padded_vocab: int) -> None:
+    """Every tensor the export needs is in the checkpoint with the global shape cslm_model.json implies."""
+    expected = {EMBEDDING: (padded_vocab, arch.hidden_size), FINAL_NORM: (arch.hidden_size,)}
+    if not arch.tie_word_embeddings:
+        expected[OUTPUT] = (padded_vocab, arch.hidden_size)
+    for key, shape in megatron_layer_shapes(arch).items():
+        expected[key] = (arch.num_layers, *shape)
+    for key, shape in expected.items():
+        got = tuple(reader.tensor_meta(key).size)
+        if got != shape:
+            raise DataError(reader.directory / ".metadata", None, key,
+                            f"global shape {list(got)}, but cslm_model.json implies {list(shape)}")
+
+
+def write_weights(reader: DistCheckpointReader, arch: LlamaArch, out: Path, dtype: torch.dtype,
+                  max_shard_bytes: int, progress: bool = True) -> int:
+    """Stream the checkpoint's tensors into HF shards; returns the bytes written."""
+    v, h = arch.vocab_size, arch.hidden_size
+    specs = [(s.name, s.shape) for s in hf_tensor_specs(arch)]
+    with ShardedSafetensorsWriter(out, specs, dtype, max_shard_bytes) as writer, \
+            tqdm(total=arch.num_layers + 2, desc="megatron -> hf", unit="group", disable=not progress) as bar:
+        writer.write("model.embed_tokens.weight", reader.read({EMBEDDING: ((0, 0), (v, h))})[EMBEDDING])
+        bar.update()
+        for i in range(arch.num_layers):
+            hf = megatron_layer_to_hf(reader.read_layer(LAYER_KEYS, i), arch)
+            for part, name in hf_layer_names(i).items():
+                writer.write(name, hf[part])
+            bar.update()
+        writer.write("model.norm.weight", reader.read({FINAL_NORM: ((0,), (h,))})[FINAL_NORM])
+        if not arch.tie_word_embeddings:
+            writer.write("lm_head.weight", reader.read({OUTPUT: ((0, 0), (v, h))})[OUTPUT])
+        bar.update()
+    return writer.bytes_written
+
+
+def write_configs(out: Path, arch: LlamaArch, dtype: torch.dtype) -> None:
+    """config.json and generation_config.json; token ids come from the copied tokenizer, as transformers sees it."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    stops = [tokenizer.eos_token_id]
+    turn_end = tokenizer.convert_tokens_to_ids(TURN_END)
+    if isinstance(turn_end, int) and turn_end != tokenizer.unk_token_id and turn_end not in stops:
+        stops.append(turn_end)  # chat turns end with <|eot_id|>, documents with <|end_of_text|>
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": stops if len(stops) > 1 else stops[0]}
+    write_json(out / "config.json", arch.to_hf_config(torch_dtype=str(dtype).removeprefix("torch."), **ids))
+    write_json(out / "generation_config.json", {"_from_model_config": False, **ids})
+
+
+def convert_megatron_to_hf(megatron_dir: str | Path, out: str | Path, *, dtype: str = "bf16",
+                           max_shard_bytes: int = 5 * 10**9, progress: bool = True) -> ModelManifest:
+    """Export a run directory (latest iteration) or one iter_* directory to a new HF directory `out`."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    run_dir, iteration = resolve_checkpoint(megatron_dir)
+    manifest = ModelManifest.load(run_dir)
+    arch = manifest.arch
+    reader = DistCheckpointReader(iteration_dir(run_dir, iteration))
+    check_shapes(reader, arch, manifest.padded_vocab_size)
+    tokenizer_dir = manifest.tokenizer_dir(run_dir)
+    if not tokenizer_dir.is_dir():
+        raise FileNotFoundError(f"{tokenizer_dir}: tokenizer directory named by {run_dir}/cslm_model.json not found")
+    out = Path(out)
+    if (out / INDEX_FILE).exists() or (out / "config.json").exists():
+        raise FileExistsError(f"{out} already holds a HF checkpoint; choose a new --out directory")
+
+    write_weights(reader, arch, out, DTYPES[dtype], max_shard_bytes, progress)
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).exists():
+            shutil.copyfile(tokenizer_dir / name, out / name)
+    write_configs(out, arch, DTYPES[dtype])
+    return manifest
+

@@ -1,0 +1,150 @@
+"""Pretraining data: blended `.bin/.idx` datasets through megatron-core, and a resumable sample stream.
+
+`--data-path 0.4 asr 0.3 interleave 0.3 replay` blends with megatron-core's BlendedMegatronDatasetBuilder
+and GPTDataset (index caches built once on rank 0, reused by every rank and by resumed runs). Each sample
+knows which source it came from, so the loss is reported per source. A document may carry a companion
+`<prefix>_lossmask.bin/.idx` (written by tools/preprocess_data.py for masked prompts); it is read through
+the same sample index so masks stay aligned with tokens.
+
+The stream is a pure function of (seed, consumed samples, DP rank): resuming at the saved consumed-sample
+count replays exactly the samples an uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class DataBlend:
+    prefixes: list[str]
+    weights: list[float] | None
+
+    @property
+    def names(self) -> list[str]:
+        """Source names for logging: the file name of each prefix (made unique if two collide)."""
+        names = [Path(p).name for p in self.prefixes]
+        return names if len(set(names)) == len(names) else [f"{i}_{n}" for i, n in enumerate(names)]
+
+
+def parse_data_path(items: list[str]) -> DataBlend:
+    """Megatron-LM's `--data-path`: either `PREFIX...` or `W1 PREFIX1 W2 PREFIX2 ...`."""
+    if not items:
+        raise ValueError("--data-path is empty")
+    try:
+        float(items[0])
+        weighted = True
+    except ValueError:
+        weighted = False
+    if not weighted:
+        return DataBlend(list(items), None)
+    if len(items) % 2:
+        raise ValueError(f"--data-path with weights needs WEIGHT PREFIX pairs; got {len(items)} items: {items}")
+    weights, prefixes = [], []
+    for w, p in zip(items[::2], items[1::2]):
+        try:
+            weights.append(float(w))
+        except ValueError as e:
+            raise ValueError(f"--data-path: {w!r} is not a weight (expected WEIGHT PREFIX pairs)") from e
+        prefixes.append(p)
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"--data-path weights must be non-negative and not all zero: {weights}")
+    return DataBlend(prefixes, weights)
+
+
+def check_indexed_dataset(prefix: str, vocab_size: int) -> int:
+    """Fail at start-up, not at step 10,000: files present, and every token id below the model's vocab."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    for suffix in (".bin", ".idx"):
+        if not Path(prefix + suffix).exists():
+            raise FileNotFoundError(f"--data-path {prefix}: {prefix + suffix} does not exist")
+    dataset = IndexedDataset(prefix, mmap=True)
+    tokens = np.memmap(prefix + ".bin", dtype=dataset.index.dtype, mode="r")
+    max_id = int(tokens.max()) if tokens.size else -1
+    if max_id >= vocab_size:
+        raise ValueError(f"--data-path {prefix}: token id {max_id} >= the model's vocabulary size {vocab_size}; "
+                         "the .idx/.bin was built with another tokenizer or --num-units")
+    return max_id
+
+
+class _TokenizerInfo:
+    """What megatron-core's GPTDataset reads from a tokenizer: eod, pad and vocab_size (and an identity that
+    goes into the index-cache hash, so caches built for another vocabulary are never reused)."""
+
+    def __init__(self, vocab_size: int, eod: int, pad: int):
+        self.vocab_size, self.eod, self.pad = vocab_size, eod, pad
+        self.unique_identifiers = {"class": "SpeechTextTokenizer", "vocab_size": vocab_size, "eod": eod}
+
+
+def _loss_masked_gpt_dataset():
+    from megatron.core.datasets.gpt_dataset import GPTDataset
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    class LossMaskedGPTDataset(GPTDataset):
+        """GPTDataset that also applies a companion per-token loss mask (`<prefix>_lossmask`) when present."""
+
+        def __init__(self, indexed_dataset, dataset_path, *args, **kwargs):
+            super().__init__(indexed_dataset, dataset_path, *args, **kwargs)
+            mask_prefix = f"{dataset_path}_lossmask"
+            self.mask_dataset = IndexedDataset(mask_prefix, mmap=True) if os.path.exists(mask_prefix + ".idx") \
+                else None
+
+        def __getitem__(self, idx):
+            sample = super().__getitem__(idx)
+            if self.mask_dataset is not None and idx is not None:
+                tokens_dataset, self.dataset = self.dataset, self.mask_dataset
+                try:
+                    mask, _ = self._query_document_sample_shuffle_indices(idx)
+                finally:
+                    self.dataset = tokens_dataset
+                sample["loss_mask"] = sample["loss_mask"] * torch.from_numpy((mask[1:] == 1).astype(np.float32))
+            return sample
+
+    return LossMaskedGPTDataset
+
+
+def build_pretrain_datasets(blend: DataBlend, *, split: str, seq_length: int, seed: int, num_samples: list[int],
+                            vocab_size: int, eod_id: int, cache_dir: str | None) -> list:
+    """(train, valid, test) datasets; None for a split of zero weight. Built on TP rank 0 only."""
+    from megatron.core import parallel_state
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
+
+    config = GPTDatasetConfig(
+        random_seed=seed, sequence_length=seq_length, blend=(blend.prefixes, blend.weights), split=split,
+        path_to_cache=cache_dir, tokenizer=_TokenizerInfo(vocab_size, eod_id, eod_id),
+        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
+        create_attention_mask=False, mmap_bin_files=True)
+    return BlendedMegatronDatasetBuilder(
+        _loss_masked_gpt_dataset(), num_samples, lambda: parallel_state.get_tensor_model_parallel_rank() == 0,
+        config).build()
+
+
+def collate(samples: list[dict]) -> dict:
+    """GPTDataset samples -> the batch dict of `training.batch.get_batch` (per-token source id for loss groups)."""
+    tokens = torch.stack([torch.as_tensor(s["tokens"]) for s in samples])
+    groups = torch.tensor([int(s.get("dataset_id", 0)) for s in samples]).unsqueeze(1).expand_as(tokens)
+    return {"tokens": tokens, "labels": torch.stack([torch.as_tensor(s["labels"]) for s in samples]),
+            "loss_mask": torch.stack([torch.as_tensor(s["loss_mask"]) for s in samples]).float(),
+            "position_ids": torch.stack([torch.as_tensor(s["position_ids"]) for s in samples]),
+            "loss_groups": groups.contiguous()}
+
+
+def micro_batch_stream(dataset, *, consumed_samples: int, global_batch_size: int, micro_batch_size: int,
+                       dp_rank: int, dp_size: int, collate_fn=collate) -> Iterator[dict]:
+    """Micro-batches for one DP rank, from `consumed_samples` on; global batch k holds samples
+    [k*G, (k+1)*G) split contiguously across DP ranks (Megatron-LM's pretraining sampler, wrapping at the end)."""
+    per_rank = global_batch_size // dp_size
+    n = len(dataset)
+    start = consumed_samples
+    while True:
+        base = start + dp_rank * per_rank
+        for m in range(0, per_rank, micro_batch_size):
+            yield collate_fn([dataset[(base + m + i) % n] for i in range(micro_batch_size)])
+        start += global_batch_size

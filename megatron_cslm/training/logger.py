@@ -1,0 +1,94 @@
+"""Console + TensorBoard (+ optional W&B) logging of a training run, from the rank that sees the loss.
+
+Losses arrive as (sum, token count) per group, so a logged loss is the exact token average over the
+interval, not an average of per-step averages.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from megatron_cslm.flops import mfu
+
+
+class TrainingLogger:
+    def __init__(self, *, enabled: bool, tensorboard_dir: str | None, wandb_project: str | None,
+                 flops_per_token: float, peak_tflops: float, world_size: int, config: dict):
+        self.enabled = enabled
+        self.flops_per_token, self.peak_tflops, self.world_size = flops_per_token, peak_tflops, world_size
+        self.writer = self.wandb = None
+        self._reset()
+        if not enabled:
+            return
+        if tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=tensorboard_dir, max_queue=10)
+        if wandb_project:
+            import wandb
+
+            self.wandb = wandb.init(project=wandb_project, config=config)
+
+    def _reset(self) -> None:
+        self.sums: dict[str, list[float]] = {}
+        self.tokens = 0
+        self.steps = 0
+        self.start = time.perf_counter()
+
+    def accumulate(self, losses: dict[str, tuple[float, float]], tokens: int) -> None:
+        for name, (s, n) in losses.items():
+            acc = self.sums.setdefault(name, [0.0, 0.0])
+            acc[0] += s
+            acc[1] += n
+        self.tokens += tokens
+        self.steps += 1
+
+    def scalars(self, prefix: str, values: dict[str, float], step: int) -> None:
+        if self.writer:
+            for k, v in values.items():
+                self.writer.add_scalar(f"{prefix}{k}", v, step)
+            self.writer.flush()
+        if self.wandb:
+            self.wandb.log({f"{prefix}{k}": v for k, v in values.items()}, step=step)
+
+    def flush(self, iteration: int, lr: float, grad_norm: float | None, total_iters: int) -> dict[str, float]:
+        """Write the interval's averages; returns them (losses per group, throughput, MFU)."""
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        losses = {name: s / n for name, (s, n) in self.sums.items() if n > 0}
+        tokens_per_s = self.tokens / elapsed
+        per_gpu = tokens_per_s / self.world_size
+        values = {f"loss/{k}": v for k, v in losses.items()}
+        values.update({
+            "lr": lr, "grad_norm": grad_norm if grad_norm is not None else float("nan"),
+            "throughput/tokens_per_s": tokens_per_s, "throughput/tokens_per_s_per_gpu": per_gpu,
+            "throughput/tflops_per_gpu": per_gpu * self.flops_per_token / 1e12,
+            "throughput/mfu": mfu(per_gpu, self.flops_per_token, self.peak_tflops),
+            "time/step_s": elapsed / max(self.steps, 1),
+        })
+        if torch.cuda.is_available():
+            values["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        if self.enabled:
+            parts = " | ".join(f"{k} {v:.4f}" for k, v in sorted(losses.items()))
+            print(f" iteration {iteration:8d}/{total_iters} | {parts} | lr {lr:.3e} | grad norm "
+                  f"{values['grad_norm']:.3f} | {tokens_per_s:,.0f} tok/s | "
+                  f"{values['throughput/tflops_per_gpu']:.3g} TFLOP/s/GPU | MFU {100 * values['throughput/mfu']:.3g}% | "
+                  f"{1000 * values['time/step_s']:.0f} ms/step", flush=True)
+            self.scalars("train/", values, iteration)
+        self._reset()
+        return values
+
+    def validation(self, iteration: int, losses: dict[str, tuple[float, float]]) -> dict[str, float]:
+        avg = {name: s / n for name, (s, n) in losses.items() if n > 0}
+        if self.enabled:
+            parts = " | ".join(f"{k} {v:.4f} (ppl {math.exp(min(v, 50)):.2f})" for k, v in sorted(avg.items()))
+            print(f" validation at iteration {iteration} | {parts}", flush=True)
+            self.scalars("valid/loss/", avg, iteration)
+        return avg
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+        if self.wandb:
+            self.wandb.finish()
