@@ -28,3 +28,14 @@ def build_toy_pretrain(out: Path) -> dict:
         preprocess([out / "docs" / f"{name}.jsonl"], prefixes[name], tokenizer, workers=1, progress=False)
     return {"root": out, "corpus": corpus, "tokenizer": out / "tokenizer", "prefixes": prefixes,
             "vocab_size": tokenizer.vocab_size}
+
+
+def build_toy_sft(toy: dict, seq_length: int = 512) -> str:
+    """Pack the toy spoken dialogues (interleaved chain of modality) with the toy tokenizer; returns the prefix."""
+    from megatron_cslm.sft_data import SFTConfig, build_sft_data
+    from megatron_cslm.tokenizer import SpeechTextTokenizer
+
+    prefix = str(toy["root"] / "sft" / "interleaved")
+    build_sft_data([toy["corpus"] / "dialogue_sft.jsonl"], SpeechTextTokenizer.from_pretrained(toy["tokenizer"]),
+                   SFTConfig(layout="interleaved"), prefix, seq_length=seq_length, progress=False)
+    return prefix

@@ -139,12 +139,12 @@ def collate(samples: list[dict]) -> dict:
 def micro_batch_stream(dataset, *, consumed_samples: int, global_batch_size: int, micro_batch_size: int,
                        dp_rank: int, dp_size: int, collate_fn=collate) -> Iterator[dict]:
     """Micro-batches for one DP rank, from `consumed_samples` on; global batch k holds samples
-    [k*G, (k+1)*G) split contiguously across DP ranks (Megatron-LM's pretraining sampler, wrapping at the end)."""
+    [k*G, (k+1)*G) split contiguously across DP ranks (Megatron-LM's pretraining sampler). Datasets are
+    sized for the whole run (or repeat by epochs themselves), so running past the end is an error."""
     per_rank = global_batch_size // dp_size
-    n = len(dataset)
     start = consumed_samples
     while True:
         base = start + dp_rank * per_rank
         for m in range(0, per_rank, micro_batch_size):
-            yield collate_fn([dataset[(base + m + i) % n] for i in range(micro_batch_size)])
+            yield collate_fn([dataset[base + m + i] for i in range(micro_batch_size)])
         start += global_batch_size

@@ -1,0 +1,97 @@
+"""Supervised fine-tuning on packed chain-of-modality dialogue (CSLM stage 2).
+
+    torchrun --nproc-per-node 8 -m megatron_cslm.sft --config examples/configs/sft_llama3.1_8b.yaml
+
+Data: packed bins from tools/build_sft_data.py (mmap'ed, no tokenizing at train time). Attention never
+crosses a sample boundary: a block-diagonal causal mask on the local spec, THD `cu_seqlens` on TE. The loss
+is reported (and optionally weighted) per modality: question transcript (TQ), text answer (TA), speech (SA).
+"""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+from megatron_cslm.model import default_spec_name
+from megatron_cslm.packing import MODALITIES, PackedSFTDataset, block_causal_mask
+from megatron_cslm.training.arguments import build_parser
+from megatron_cslm.training.data import check_indexed_dataset, micro_batch_stream, parse_data_path
+from megatron_cslm.training.loop import ModelSource, Task, main
+
+GROUPS = sorted(MODALITIES, key=MODALITIES.get)  # index = modality id: none, tq, ta, sa
+
+
+class EpochShuffled:
+    """Index k of an endless stream over packed bins: epoch k // n visits the bins in a seeded permutation."""
+
+    def __init__(self, datasets: list[PackedSFTDataset], seed: int):
+        self.parts = datasets
+        self.sizes = np.cumsum([0] + [len(d) for d in datasets])
+        self.seed = seed
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return int(self.sizes[-1])
+
+    def __getitem__(self, k: int) -> dict:
+        epoch, i = divmod(k, len(self))
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, np.random.default_rng((self.seed, epoch)).permutation(len(self)))
+        j = int(self._perm[1][i])
+        part = int(np.searchsorted(self.sizes, j, side="right")) - 1
+        return self.parts[part][j - int(self.sizes[part])]
+
+
+def make_collate(seq_length: int, thd: bool):
+    """Stack bins; loss groups are modalities; the attention layout follows the layer spec."""
+
+    def collate(samples: list[dict]) -> dict:
+        batch = {k: torch.stack([torch.as_tensor(s[k]) for s in samples])
+                 for k in ("tokens", "labels", "loss_mask", "position_ids", "cu_seqlens")}
+        batch["loss_groups"] = torch.stack([torch.as_tensor(s["modality"]) for s in samples])
+        cu = batch.pop("cu_seqlens")
+        if thd:  # TE: one flattened sequence of b*s tokens with per-sample cu_seqlens
+            batch = {k: v.reshape(1, -1) for k, v in batch.items()}
+            batch["cu_seqlens"] = cu
+        else:
+            batch["attention_mask"] = block_causal_mask(cu, seq_length)
+        return batch
+
+    return collate
+
+
+def make_task(args: argparse.Namespace, source: ModelSource, padded_vocab: int) -> Task:
+    def load(prefixes):
+        datasets = [PackedSFTDataset(p, args.seq_length) for p in prefixes]
+        most = max(d.max_samples for d in datasets)
+        return EpochShuffled([PackedSFTDataset(p, args.seq_length, most) for p in prefixes], args.seed)
+
+    train_prefixes = parse_data_path(args.data_path)
+    if train_prefixes.weights:
+        raise ValueError("--data-path for SFT takes packed prefixes without weights (all bins are used, "
+                         "shuffled each epoch); repeat a prefix to upweight it")
+    for prefix in train_prefixes.prefixes + (args.valid_data_path or []):
+        check_indexed_dataset(prefix, source.arch.vocab_size)
+    train = load(train_prefixes.prefixes)
+    valid = load(args.valid_data_path) if args.valid_data_path else None
+    collate = make_collate(args.seq_length, thd=(args.transformer_impl or default_spec_name()) == "te")
+
+    def stream(dataset, consumed, dp_rank, dp_size, num_microbatches):
+        return micro_batch_stream(dataset, consumed_samples=consumed, global_batch_size=args.global_batch_size,
+                                  micro_batch_size=args.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
+                                  collate_fn=collate)
+
+    weights = torch.tensor([0.0, *args.modality_loss_weights])
+    return Task(train=train, valid=valid, has_valid=valid is not None, stream=stream, group_names=GROUPS,
+                group_weights=weights)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = build_parser("Supervised fine-tuning on packed chain-of-modality spoken dialogue (CSLM stage 2).", sft=True)
+    p.set_defaults(seq_length=4096, split="100,0,0")
+    return p
+
+
+if __name__ == "__main__":
+    main(make_task, parser)
