@@ -354,24 +354,3 @@ def _padding_logits_mask(vocab_size: int):
 
     return hook
 
-
-MODEL_META = "cslm_model.json"
-
-
-def write_model_meta(directory: str | os.PathLike, arch: LlamaArch, tokenizer: str | None = "tokenizer") -> None:
-    """Record the architecture (and the tokenizer dir, relative to `directory`) next to a checkpoint, so
-    training, export and inference read one source of truth instead of repeating model flags."""
-    from megatron_cslm.fileio import write_json
-
-    write_json(Path(directory) / MODEL_META, {"arch": arch.to_dict(), "tokenizer": tokenizer})
-
-
-def read_model_meta(directory: str | os.PathLike) -> tuple[LlamaArch, Path | None]:
-    """(arch, absolute tokenizer dir or None) of a checkpoint directory written by us."""
-    path = Path(directory) / MODEL_META
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: {directory} is not a megatron_cslm checkpoint directory "
-                                "(convert HF weights with checkpoints_convert/hf_to_megatron.py)")
-    meta = json.loads(path.read_text(encoding="utf-8"))
-    tokenizer = meta.get("tokenizer")
-    return LlamaArch.from_dict(meta["arch"]), (Path(directory) / tokenizer if tokenizer else None)

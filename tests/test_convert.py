@@ -64,13 +64,18 @@ def rewrite_tensor(directory: Path, name: str, fn) -> None:
 # ----------------------------------------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory, llama3_tokenizer_path) -> Path:
+def hf_tiny(tmp_path_factory, llama3_tokenizer_path) -> Path:
+    return make_hf_llama(tmp_path_factory.mktemp("hf") / "hf", llama3_tokenizer_path)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, hf_tiny) -> Path:
     """Converted checkpoints + exports, and the results of the one 4-process megatron-core launch."""
     from megatron_cslm.convert import convert_hf_to_megatron, convert_megatron_to_hf
     from tests.distributed import torchrun
 
     work = tmp_path_factory.mktemp("convert")
-    hf = make_hf_llama(work / "hf", llama3_tokenizer_path)
+    hf = Path(shutil.copytree(hf_tiny, work / "hf"))
     convert_hf_to_megatron(hf, work / "plain", tensor_parallel_size=2, pipeline_parallel_size=2, progress=False)
     convert_hf_to_megatron(hf, work / "expanded", tensor_parallel_size=2, pipeline_parallel_size=2,
                            expand_vocab=True, progress=False)
@@ -235,8 +240,8 @@ def test_cli_converts_and_verifies(work, tmp_path):
 # ----------------------------------------------------------------------------------------------- errors
 
 @pytest.fixture()
-def hf_copy(work, tmp_path) -> Path:
-    return Path(shutil.copytree(work / "hf", tmp_path / "hf"))
+def hf_copy(hf_tiny, tmp_path) -> Path:
+    return Path(shutil.copytree(hf_tiny, tmp_path / "hf"))
 
 
 def _convert(hf: Path, out: Path, **kwargs):
@@ -282,13 +287,15 @@ def test_error_tokenizer_base_vocab_differs(hf_copy, tmp_path, work):
     with pytest.raises(ValueError, match=r"config.json: field 'vocab_size' is 128000, but the base vocabulary of "
                                          r"the tokenizer in .* has 128256 ids"):
         _convert(hf_copy, tmp_path / "out", expand_vocab=True)
+    with pytest.raises(ValueError, match=r"config.json: field 'vocab_size' is 128000, but the tokenizer"):
+        _convert(hf_copy, tmp_path / "out")
     with pytest.raises(ValueError, match=r"already expanded"):  # an exported, already expanded model
         _convert(work / "hf_expanded", tmp_path / "out2", expand_vocab=True)
 
 
-def test_error_tp_does_not_divide_heads(work, tmp_path):
+def test_error_tp_does_not_divide_heads(hf_tiny, tmp_path):
     with pytest.raises(ValueError, match=r"tensor-model-parallel-size 3 does not divide num_attention_heads 4"):
-        _convert(work / "hf", tmp_path / "out", tensor_parallel_size=3)
+        _convert(hf_tiny, tmp_path / "out", tensor_parallel_size=3)
 
 
 def test_error_existing_output_and_bad_megatron_inputs(work, tmp_path):

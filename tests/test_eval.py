@@ -98,7 +98,7 @@ def test_report_counts_off_target_and_renders(speech_tokenizer):
 
 
 @needs_belle
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(600)
 def test_eval_tool_compares_layouts(tmp_path_factory, speech_tokenizer, tmp_path):
     models = tiny_models(tmp_path_factory, speech_tokenizer)
     script = tmp_path / "asr.py"

@@ -23,7 +23,7 @@ from megatron_cslm.convert.layout import (EMBEDDING, EXTRA_STATE_MODULES, FINAL_
                                           hf_layer_names, hf_layer_to_megatron, hf_tensor_specs)
 from megatron_cslm.convert.manifest import ModelManifest
 from megatron_cslm.convert.safetensors_io import HFCheckpoint
-from megatron_cslm.convert.vocab import NOISE_SCALE, tail_rows
+from megatron_cslm.convert.vocab import tail_rows
 from megatron_cslm.fileio import DataError, atomic_open
 from megatron_cslm.model import LlamaArch, check_parallel_fit, padded_vocab_size
 from megatron_cslm.tokenizer import META_FILE, SpeechTextTokenizer
@@ -51,25 +51,30 @@ def _write_rows(writer: DistCheckpointWriter, key: str, weight: torch.Tensor, ne
     """Existing rows as one chunk, then new + padding rows as a second chunk of the same global tensor."""
     shape = (padded, weight.shape[1])
     writer.add_tensor(key, weight, shape, (0, 0))
-    tail = tail_rows(weight, new_count, padded, seed, NOISE_SCALE)
+    tail = tail_rows(weight, new_count, padded, seed)
     if tail is not None:
         writer.add_tensor(key, tail, shape, (weight.shape[0], 0))
+
+
+def _write_layer(writer: DistCheckpointWriter, checkpoint: HFCheckpoint, arch: LlamaArch, i: int) -> None:
+    """Layer i as chunk i of each stacked tensor (a function, so its tensors are freed on return)."""
+    n = arch.num_layers
+    hf = {part: checkpoint.get(name) for part, name in hf_layer_names(i).items()}
+    for key, t in hf_layer_to_megatron(hf, arch).items():
+        writer.add_tensor(key, t.unsqueeze(0), (n, *t.shape), (i,) + (0,) * t.dim())
+    for module in EXTRA_STATE_MODULES:
+        writer.add_object(extra_state_key(module, i, n), None)
 
 
 def write_checkpoint(checkpoint: HFCheckpoint, arch: LlamaArch, directory: Path, new_rows: int, padded: int,
                      seed: int, common: dict, progress: bool = True) -> int:
     """Stream the HF tensors into a new `torch_dist` checkpoint directory; returns the bytes written."""
-    n = arch.num_layers
     with DistCheckpointWriter(directory) as writer, \
-            tqdm(total=n + 2, desc="hf -> megatron", unit="group", disable=not progress) as bar:
+            tqdm(total=arch.num_layers + 2, desc="hf -> megatron", unit="group", disable=not progress) as bar:
         _write_rows(writer, EMBEDDING, checkpoint.get("model.embed_tokens.weight"), new_rows, padded, seed)
         bar.update()
-        for i in range(n):
-            hf = {part: checkpoint.get(name) for part, name in hf_layer_names(i).items()}
-            for key, t in hf_layer_to_megatron(hf, arch).items():
-                writer.add_tensor(key, t.unsqueeze(0), (n, *t.shape), (i,) + (0,) * t.dim())
-            for module in EXTRA_STATE_MODULES:
-                writer.add_object(extra_state_key(module, i, n), None)
+        for i in range(arch.num_layers):
+            _write_layer(writer, checkpoint, arch, i)
             bar.update()
         writer.add_tensor(FINAL_NORM, checkpoint.get("model.norm.weight"))
         if not arch.tie_word_embeddings:

@@ -42,6 +42,13 @@ def check_shapes(reader: DistCheckpointReader, arch: LlamaArch, padded_vocab: in
                             f"global shape {list(got)}, but cslm_model.json implies {list(shape)}")
 
 
+def _write_layer(writer: ShardedSafetensorsWriter, reader: DistCheckpointReader, arch: LlamaArch, i: int) -> None:
+    """Layer i's HF tensors (a function, so the layer is freed on return)."""
+    hf = megatron_layer_to_hf(reader.read_layer(LAYER_KEYS, i), arch)
+    for part, name in hf_layer_names(i).items():
+        writer.write(name, hf[part])
+
+
 def write_weights(reader: DistCheckpointReader, arch: LlamaArch, out: Path, dtype: torch.dtype,
                   max_shard_bytes: int, progress: bool = True) -> int:
     """Stream the checkpoint's tensors into HF shards; returns the bytes written."""
@@ -52,9 +59,7 @@ def write_weights(reader: DistCheckpointReader, arch: LlamaArch, out: Path, dtyp
         writer.write("model.embed_tokens.weight", reader.read({EMBEDDING: ((0, 0), (v, h))})[EMBEDDING])
         bar.update()
         for i in range(arch.num_layers):
-            hf = megatron_layer_to_hf(reader.read_layer(LAYER_KEYS, i), arch)
-            for part, name in hf_layer_names(i).items():
-                writer.write(name, hf[part])
+            _write_layer(writer, reader, arch, i)
             bar.update()
         writer.write("model.norm.weight", reader.read({FINAL_NORM: ((0,), (h,))})[FINAL_NORM])
         if not arch.tie_word_embeddings:
@@ -68,11 +73,11 @@ def write_configs(out: Path, arch: LlamaArch, dtype: torch.dtype) -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(out))
-    stops = [tokenizer.eos_token_id]
-    turn_end = tokenizer.convert_tokens_to_ids(TURN_END)
-    if isinstance(turn_end, int) and turn_end != tokenizer.unk_token_id and turn_end not in stops:
-        stops.append(turn_end)  # chat turns end with <|eot_id|>, documents with <|end_of_text|>
-    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": stops if len(stops) > 1 else stops[0]}
+    turn_end = tokenizer.convert_tokens_to_ids(TURN_END)  # chat turns end with it, documents with eos
+    if turn_end == tokenizer.unk_token_id:
+        turn_end = None
+    stops = list(dict.fromkeys(i for i in (tokenizer.eos_token_id, turn_end) if i is not None))
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": stops if len(stops) > 1 else next(iter(stops), None)}
     write_json(out / "config.json", arch.to_hf_config(torch_dtype=str(dtype).removeprefix("torch."), **ids))
     write_json(out / "generation_config.json", {"_from_model_config": False, **ids})
 

@@ -30,16 +30,14 @@ def row_moments(weight: torch.Tensor, block_rows: int = 4096) -> tuple[torch.Ten
     return mean, (total_sq / weight.shape[0] - mean.square()).clamp_min(0)
 
 
-def new_rows(weight: torch.Tensor, count: int, generator: torch.Generator,
-             noise_scale: float = NOISE_SCALE) -> torch.Tensor:
-    """`count` rows ~ N(mean, noise_scale * diag(var)) of `weight`'s rows, in `weight`'s dtype."""
+def new_rows(weight: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    """`count` rows ~ N(mean, NOISE_SCALE * diag(var)) of `weight`'s rows, in `weight`'s dtype."""
     mean, var = row_moments(weight)
     noise = torch.randn(count, weight.shape[1], generator=generator, dtype=torch.float64)
-    return (mean + noise * (noise_scale * var).sqrt()).to(weight.dtype)
+    return (mean + noise * (NOISE_SCALE * var).sqrt()).to(weight.dtype)
 
 
-def tail_rows(weight: torch.Tensor, new_count: int, padded_rows: int, seed: int,
-              noise_scale: float = NOISE_SCALE) -> torch.Tensor | None:
+def tail_rows(weight: torch.Tensor, new_count: int, padded_rows: int, seed: int) -> torch.Tensor | None:
     """Rows that follow `weight` up to `padded_rows`: `new_count` initialised rows, then zero padding.
 
     Returned separately (None when there are none) so a 1 GB embedding is never copied to be extended.
@@ -50,6 +48,6 @@ def tail_rows(weight: torch.Tensor, new_count: int, padded_rows: int, seed: int,
     if new_count + pad == 0:
         return None
     generator = torch.Generator().manual_seed(seed)
-    parts = [new_rows(weight, new_count, generator, noise_scale)] if new_count else []
+    parts = [new_rows(weight, new_count, generator)] if new_count else []
     parts.append(weight.new_zeros(pad, weight.shape[1]))
     return torch.cat(parts)

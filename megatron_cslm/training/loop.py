@@ -19,8 +19,8 @@ import torch.distributed as dist
 
 from megatron_cslm import parallel
 from megatron_cslm.flops import train_flops_per_token
-from megatron_cslm.model import (ARCHS, LlamaArch, PrecisionConfig, RecomputeConfig, padded_vocab_size,
-                                 read_model_meta, transformer_config, write_model_meta)
+from megatron_cslm.convert.manifest import ModelManifest
+from megatron_cslm.model import ARCHS, LlamaArch, PrecisionConfig, RecomputeConfig, padded_vocab_size, transformer_config
 from megatron_cslm.training.checkpoint import latest_iteration, load_checkpoint, save_checkpoint
 from megatron_cslm.training.logger import TrainingLogger
 from megatron_cslm.training.setup import OptimConfig, build_model, build_optimizer
@@ -42,7 +42,7 @@ class Task:
 @dataclass
 class ModelSource:
     arch: LlamaArch
-    tokenizer_dir: Path | None
+    tokenizer_dir: Path
 
 
 class TrainingStopped(RuntimeError):
@@ -54,8 +54,9 @@ def resolve_model(args: argparse.Namespace) -> ModelSource:
     from megatron_cslm.tokenizer import SpeechTextTokenizer
 
     if args.load_init:
-        arch, tokenizer_dir = read_model_meta(args.load_init)
-        return ModelSource(arch, Path(args.tokenizer_model) if args.tokenizer_model else tokenizer_dir)
+        manifest = ModelManifest.load(args.load_init)
+        tokenizer_dir = Path(args.tokenizer_model) if args.tokenizer_model else manifest.tokenizer_dir(args.load_init)
+        return ModelSource(manifest.arch, tokenizer_dir)
     if args.model_arch not in ARCHS:
         raise ValueError(f"--model-arch {args.model_arch!r} is not one of {sorted(ARCHS)}")
     if not args.tokenizer_model:
@@ -142,7 +143,7 @@ def run(args: argparse.Namespace, make_task: Callable[[argparse.Namespace, Model
         optimizer.reload_model_params()
         _print(f"initialised weights from {args.load_init} (iteration {init_at})")
     if args.save and dist.get_rank() == 0:
-        write_model_meta(args.save, arch, str(source.tokenizer_dir.resolve()) if source.tokenizer_dir else None)
+        ModelManifest(arch, padded, str(source.tokenizer_dir.resolve())).save(args.save)
 
     dp_rank = parallel_state.get_data_parallel_rank()
     train_iter = task.stream(task.train, consumed, dp_rank, dp, num_microbatches)
