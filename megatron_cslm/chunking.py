@@ -41,13 +41,13 @@ def split_pieces(text: str) -> list[str]:
     return pieces
 
 
-def _spoken(piece: str) -> bool:
+def is_spoken(piece: str) -> bool:
     return any(c.isalnum() for c in piece)
 
 
 def _closing(piece: str) -> bool:
     """Unspoken and without opening brackets/quotes: belongs to the text before it."""
-    return not _spoken(piece) and not any(unicodedata.category(c) in ("Ps", "Pi") for c in piece)
+    return not is_spoken(piece) and not any(unicodedata.category(c) in ("Ps", "Pi") for c in piece)
 
 
 def _ends_punct(piece: str) -> bool:
@@ -56,7 +56,7 @@ def _ends_punct(piece: str) -> bool:
 
 def word_count(piece: str) -> int:
     """Default chunk size measure: one per spoken piece (a space-separated word or a CJK character)."""
-    return int(_spoken(piece))
+    return int(is_spoken(piece))
 
 
 def _chunk_end(pieces: Sequence[str], sizes: Sequence[int], start: int, target: int) -> int:
@@ -183,6 +183,16 @@ def chunk_answer(text: str, units: Sequence[int], *, words: Sequence[dict] | Non
     texts = chunk_text(text, target, count)
     if not texts:
         return [Chunk(text, dedup_units(units) if dedup else list(units))]
+    return align_chunks(text, texts, units, words, dedup)
+
+
+def align_chunks(text: str, texts: Sequence[str], units: Sequence[int], words: Sequence[dict] | None,
+                 dedup: bool = False) -> list[Chunk]:
+    """Pair text chunks (which concatenate to `text`) with their speech: cut `units` where the next chunk's
+    first word starts by `words` timestamps when given, else proportionally to characters.
+
+    Shared by SFT answers and interleaved pretraining documents, so both cut speech at words the same way.
+    """
     if words:
         check_words(words, len(units))
         cuts = _cuts_from_timestamps(text, texts, words)

@@ -207,12 +207,13 @@ batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=2)))
 out = {"same": 0.0, "crossed": 0.0, "samples": 0}
 with torch.no_grad():
     s = batch["tokens"].shape[1]
-    packed = gpt(batch["tokens"], batch["position_ids"], block_causal_mask(batch["cu_seqlens"], s))
-    causal = gpt(batch["tokens"], batch["position_ids"], None)  # plain causal: attends across samples
+    v = arch.vocab_size  # padding rows are -inf logits by design; compare the real vocabulary
+    packed = gpt(batch["tokens"], batch["position_ids"], block_causal_mask(batch["cu_seqlens"], s))[..., :v]
+    causal = gpt(batch["tokens"], batch["position_ids"], None)[..., :v]  # plain causal: attends across samples
     for k in range(2):
         cu = batch["cu_seqlens"][k].tolist()
         for a, b in zip(cu[:int(batch["num_samples"][k])], cu[1:]):
-            alone = gpt(batch["tokens"][k:k + 1, a:b], batch["position_ids"][k:k + 1, a:b], None)
+            alone = gpt(batch["tokens"][k:k + 1, a:b], batch["position_ids"][k:k + 1, a:b], None)[..., :v]
             out["same"] = max(out["same"], (packed[k:k + 1, a:b] - alone).abs().max().item())
             if a > 0:
                 out["crossed"] = max(out["crossed"], (causal[k:k + 1, a:b] - alone).abs().max().item())

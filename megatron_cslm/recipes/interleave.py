@@ -14,11 +14,7 @@ from __future__ import annotations
 import random
 from typing import Sequence
 
-from megatron_cslm.chunking import Chunk, _cuts_from_timestamps, _cuts_proportional, split_pieces, split_units
-
-
-def _spoken(piece: str) -> bool:
-    return any(c.isalnum() for c in piece)
+from megatron_cslm.chunking import Chunk, align_chunks, is_spoken, split_pieces
 
 
 def chunk_sizes(n_words: int, chunk_words: tuple[int, int], rng: random.Random) -> list[int]:
@@ -40,7 +36,7 @@ def interleave_chunks(text: str, units: Sequence[int], words: Sequence[dict] | N
     Raises ValueError if `words` timestamps do not appear in order in `text`.
     """
     pieces = split_pieces(text)
-    spoken = [i for i, p in enumerate(pieces) if _spoken(p)]
+    spoken = [i for i, p in enumerate(pieces) if is_spoken(p)]
     if len(spoken) < 2:
         return None
     starts, acc = [], 0
@@ -49,8 +45,7 @@ def interleave_chunks(text: str, units: Sequence[int], words: Sequence[dict] | N
         starts.append(spoken[acc])  # a chunk begins at a spoken piece; punctuation stays with the chunk before
     bounds = [0, *starts, len(pieces)]
     texts = ["".join(pieces[a:b]) for a, b in zip(bounds, bounds[1:])]
-    cuts = _cuts_from_timestamps(text, texts, words) if words else _cuts_proportional(texts, len(units))
-    return split_units(texts, units, cuts, dedup=False)
+    return align_chunks(text, texts, units, words)
 
 
 def interleave_segments(chunks: Sequence[Chunk], rng: random.Random) -> list[dict] | None:
