@@ -74,18 +74,19 @@ rm -rf "$RUN/decode"
   --output-dir "$RUN/decode" --stream --seed 0 --max-new-tokens 256
 
 "$PY" - "$RUN" "$((SECONDS - T0))" <<'PYEOF'
-import glob, json, re, sys
+import json, re, sys
 run, seconds = sys.argv[1], int(sys.argv[2])
 def losses(log):
     vals = [float(m.group(1)) for m in re.finditer(r"lm loss ([0-9.]+)", open(log).read())]
     return (vals[0], vals[-1]) if vals else (float("nan"), float("nan"))
 p0, p1 = losses(f"{run}/logs/pretrain.log")
 s0, s1 = losses(f"{run}/logs/sft.log")
-item = json.loads(open(glob.glob(f"{run}/decode/*.jsonl")[0]).readline())
-kinds = [seg["kind"] for seg in item["segments"]]
+item = json.loads(open(f"{run}/decode/decode.jsonl", encoding="utf-8").readline())
+kinds = [chunk["kind"].upper() for chunk in item["chunks"]]
+ta_then_sa = any(a == "TA" and b == "SA" for a, b in zip(kinds, kinds[1:]))
 print("\n=== quickstart summary")
 print(f"pretraining loss {p0:.3f} -> {p1:.3f} ({p1 / p0:.2f} of start); SFT loss {s0:.3f} -> {s1:.3f}")
-print(f"answer segments: {' '.join(kinds)}")
+print(f"answer chunks: {' '.join(kinds)} (a text chunk followed by a speech chunk: {'yes' if ta_then_sa else 'NO'})")
 print(f"artifacts: corpus {run}/corpus, tokenizer {run}/tokenizer, data {run}/bin + {run}/sft_data, checkpoints "
       f"{run}/pretrain + {run}/sft, HF export {run}/hf, answers {run}/decode, TensorBoard {run}/tb")
 print(f"wall time of this invocation: {seconds} s")

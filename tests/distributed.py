@@ -46,3 +46,6 @@ def signal_workers(proc: subprocess.Popen, sig: int) -> None:
             os.kill(pid, sig)
         except ProcessLookupError:
             pass
+
+# Part of the authors' BELLE-eval-S2S benchmark, checked out beside the repository (shared/ next to it in CI).
+BELLE_DIR = Path(os.environ.get("BELLE_EVAL_S2S", ROOT.parent / "shared" / "data" / "belle-eval-s2s"))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import random
 import zlib
 from pathlib import Path
@@ -27,8 +26,8 @@ from megatron_cslm.inference import SamplingConfig, SpeechLM, build_prompt
 from megatron_cslm.inference.sampling import ModalityConstraint
 from megatron_cslm.inference.vocab import Vocab
 from megatron_cslm.sft_data import SFTConfig, SFTEncoder, parse_record
+from tests.distributed import BELLE_DIR as BELLE
 
-BELLE = Path(os.environ.get("BELLE_EVAL_S2S", "/work/shared/data/belle-eval-s2s"))
 REPO = Path(__file__).resolve().parents[1]
 QUESTIONS = {"0": "中国有多少个省？", "3": "人类存在的意义是什么？", "4": "为什么太阳会发光？"}
 ANSWERS = {  # answer chunks by question id and answer language

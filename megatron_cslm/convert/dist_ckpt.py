@@ -16,6 +16,7 @@ alongside) are read correctly: a request for a region is assembled from whatever
 """
 from __future__ import annotations
 
+import gc
 import json
 import math
 import pickle
@@ -58,6 +59,7 @@ class DistCheckpointWriter:
     def _append(self, obj: Any) -> tuple[int, int]:
         start = self._file.tell()
         torch.save(obj, self._file)
+        gc.collect(1)  # torch.save leaves a reference cycle that pins the saved storage until the next full GC
         return start, self._file.tell() - start
 
     def add_tensor(self, key: str, chunk: torch.Tensor, global_shape: Sequence[int] | None = None,
@@ -146,6 +148,7 @@ class DistCheckpointReader:
             buffers[key] = torch.empty(tuple(shape), dtype=md.properties.dtype)
             targets[key] = _region(key, buffers[key], md.size, offset)
         dcp.load(targets, storage_reader=self._reader, no_dist=True)
+        gc.collect(1)  # free the loaded chunks now (torch.load leaves reference cycles that pin them)
         return buffers
 
     def read_layer(self, keys: Sequence[str], layer: int) -> dict[str, torch.Tensor]:

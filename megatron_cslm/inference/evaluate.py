@@ -16,10 +16,13 @@ from pathlib import Path
 from statistics import mean
 from typing import Callable, Sequence
 
-from megatron_cslm.inference.generate import Response
+from megatron_cslm.inference.generate import Response, SpeechLM
 from megatron_cslm.inference.inputs import Question
 from megatron_cslm.inference.latency import summarize
 from megatron_cslm.inference.metrics import error_rates, script_language
+from megatron_cslm.inference.outputs import speech_units
+from megatron_cslm.inference.runner import DecodeOptions, decode_to_dir
+from megatron_cslm.sft_data import SFTEncoder
 
 
 class AsrCommand:
@@ -137,16 +140,14 @@ def render_markdown(reports: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_benchmark(models: dict[str, str], load: Callable[[str], tuple], questions: Sequence[Question],
-                  options, output_dir: str | os.PathLike, asr: Callable[[Sequence[int]], str] | None = None,
+def run_benchmark(models: dict[str, str], load: Callable[[str], tuple[SpeechLM, SFTEncoder]],
+                  questions: Sequence[Question], options: DecodeOptions, output_dir: str | os.PathLike,
+                  asr: Callable[[Sequence[int]], str] | None = None,
                   durations: int | Sequence[float] | None = None, progress: bool = True) -> dict[str, dict]:
     """Answer `questions` with each model ({label: path}, loaded by `load`) and evaluate them.
 
     Each model's decode outputs go to `<output_dir>/<label>/`; returns {label: report}.
     """
-    from megatron_cslm.inference.outputs import speech_units
-    from megatron_cslm.inference.runner import decode_to_dir
-
     reports = {}
     for label, path in models.items():
         lm, encoder = load(path)
@@ -155,5 +156,5 @@ def run_benchmark(models: dict[str, str], load: Callable[[str], tuple], question
                                   progress=progress)
         reports[label] = evaluate(questions, responses, options.answer_lang, asr,
                                   lambda r: speech_units(r, durations))
-        del lm, encoder
+        del lm, encoder  # free this model before the next one loads
     return reports

@@ -8,7 +8,7 @@ Every loss is also split by a per-token group id (data source in pretraining, TQ
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
