@@ -30,6 +30,7 @@ setup(
         "pyyaml",
         "tqdm",
         "tensorboard",
+        "psutil",  # megatron-core's dist_checkpointing save needs it
     ],
     extras_require=EXTRAS,
 )

@@ -1,4 +1,4 @@
-"""Convert a Hugging Face Llama checkpoint into a megatron-core dist_checkpointing run directory.
+r"""Convert a Hugging Face Llama checkpoint into a megatron-core dist_checkpointing run directory.
 
 The output loads at any tensor/pipeline-parallel layout. With --expand-vocab the speech units and the four
 specials of SpeechTextTokenizer are appended to the vocabulary (new rows start at the mean of the existing
@@ -33,7 +33,8 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "tokenizer files.")
     g.add_argument("--out", required=True, help="New run directory (refused if it already holds a checkpoint).")
     g.add_argument("--tokenizer", default=None,
-                   help="Directory with the checkpoint's tokenizer.json / tokenizer.model (default: --hf-dir).")
+                   help="Directory with the checkpoint's tokenizer.json / tokenizer.model, when they are not in "
+                        "--hf-dir.")
     g = p.add_argument_group("parallelism (checked here; the checkpoint itself loads at any layout)")
     g.add_argument("--tp", type=int, default=1,
                    help="Tensor-parallel size to train with: must divide the attention and KV heads; the vocabulary "

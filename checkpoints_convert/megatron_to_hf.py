@@ -1,4 +1,4 @@
-"""Export a megatron-core checkpoint of ours (saved at any TP x PP) to a Hugging Face Llama directory.
+r"""Export a megatron-core checkpoint of ours (saved at any TP x PP) to a Hugging Face Llama directory.
 
 The result loads with transformers' AutoModelForCausalLM and AutoTokenizer without custom code: sharded
 safetensors with model.safetensors.index.json, config.json with the unpadded vocabulary and RoPE scaling in

@@ -74,8 +74,8 @@ class DocStats:
     uses_loss_mask: bool = False
 
     def add(self, ids: np.ndarray, mask: np.ndarray | None, record: dict, tokenizer: SpeechTextTokenizer) -> None:
-        units = int(np.count_nonzero((ids >= tokenizer.unit_offset) & (ids < tokenizer.sosp_id)))
-        specials = int(np.count_nonzero(ids >= tokenizer.sosp_id))
+        specials = int(np.count_nonzero(ids >= tokenizer.sosp_id))  # ours sit above the units
+        units = int(np.count_nonzero(ids >= tokenizer.unit_offset)) - specials
         source = record.get("source", "")
         self.skips.written += 1
         self.documents += 1
@@ -190,14 +190,14 @@ def document_segments(record: dict, path: str, line: int | None) -> tuple[list, 
     return segments, losses
 
 
-def _assemble(parts: list[list[int]], losses: list[bool], eod: int | None,
+def _assemble(parts: list[np.ndarray], losses: list[bool], eod: int | None,
               dtype: type) -> tuple[np.ndarray, np.ndarray | None]:
     if eod is not None:
-        parts, losses = parts + [[eod]], losses + [True]
-    ids = np.fromiter(itertools.chain.from_iterable(parts), dtype=dtype, count=sum(map(len, parts)))
+        parts, losses = parts + [np.array([eod])], losses + [True]
+    ids = np.concatenate(parts, dtype=dtype, casting="unsafe")  # every id < vocab_size, which dtype holds
     if all(losses):
         return ids, None
-    return ids, np.repeat(np.array(losses, dtype=np.uint8), [len(p) for p in parts])
+    return ids, np.repeat(np.array(losses, dtype=np.uint8), [p.size for p in parts])
 
 
 def encode_document(record: dict, tokenizer: SpeechTextTokenizer, append_eod: bool, dtype: type,
@@ -205,7 +205,7 @@ def encode_document(record: dict, tokenizer: SpeechTextTokenizer, append_eod: bo
     """Token ids of one record (in `dtype`) and its loss mask (uint8), or None if no segment has loss=false."""
     segments, losses = document_segments(record, path, line)
     try:
-        parts = tokenizer.encode_each_segment(segments)
+        parts = tokenizer.encode_each_segment(segments, as_arrays=True)
     except SegmentError as e:
         raise BadRecord(e.kind, path, line, e.field if "segments" in record else "text", e.reason) from None
     return _assemble(parts, losses, tokenizer.eod_id if append_eod else None, dtype)
@@ -229,7 +229,7 @@ def encode_documents(records: list[tuple[int, dict]], tokenizer: SpeechTextToken
         spans.append((k, len(flat), len(segments), losses))
         flat += segments
     try:
-        parts = tokenizer.encode_each_segment(flat)
+        parts = tokenizer.encode_each_segment(flat, as_arrays=True)
     except SegmentError:  # rare: redo record by record to locate the bad segment(s)
         for k, *_ in spans:
             line, record = records[k]
@@ -333,10 +333,10 @@ def preprocess(inputs: Sequence[str | os.PathLike], output_prefix: str | os.Path
     dtype = DType.optimal_dtype(tokenizer.vocab_size)  # uint16 below 65,500 ids, else int32 (megatron's rule)
     state = dict(tokenizer=tokenizer, append_eod=append_eod, skip_bad_records=skip_bad_records, dtype=dtype)
     tmp = tempfile.mkdtemp(prefix=f".{Path(prefix).name}.", suffix=".tmp", dir=out_dir)
-    pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, (state,)) if workers > 1 else None
-    # add_index runs gc.collect() per part (~0.3 s with a tokenizer and torch loaded); the collector skips
-    # frozen objects.
+    # The collector skips frozen objects: add_index's gc.collect() per part costs ~0.3 s otherwise (tokenizer and
+    # torch loaded), and forked workers don't copy-on-write pages just to scan them.
     gc.freeze()
+    pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, (state,)) if workers > 1 else None
     try:
         jobs = [(shard, os.path.join(tmp, f"part{i:06d}")) for i, shard in enumerate(shards)]
         results = pool.imap(_run_shard, jobs) if pool else (tokenize_shard(*job, **state) for job in jobs)

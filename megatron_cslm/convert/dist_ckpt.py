@@ -48,7 +48,6 @@ class DistCheckpointWriter:
         self._tensors: dict[str, TensorStorageMetadata] = {}
         self._objects: set[str] = set()
         self._storage: dict[MetadataIndex, _StorageInfo] = {}
-        self.bytes_written = 0
 
     def __enter__(self) -> "DistCheckpointWriter":
         return self
@@ -80,7 +79,6 @@ class DistCheckpointWriter:
         md.chunks.append(ChunkStorageMetadata(offsets=offset, sizes=chunk.shape))
         start, length = self._append(chunk)
         self._storage[MetadataIndex(key, offset)] = _StorageInfo(DATA_FILE, start, length)
-        self.bytes_written += chunk.numel() * chunk.element_size()
 
     def add_object(self, unique_key: str, value: Any) -> None:
         """Store a megatron-core ShardedObject (saved as a one-element list, like megatron-core does)."""

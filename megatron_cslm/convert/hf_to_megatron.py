@@ -1,7 +1,7 @@
 """HF Llama checkpoint -> megatron-core `dist_checkpointing` run directory, optionally adding speech units.
 
-Streams: one HF tensor group (the embeddings, one decoder layer, the head) is in memory at a time, so an
-8B conversion peaks at about two embedding matrices (~2 GB) whatever the model size. The output loads at
+Streams: one HF tensor group (the embeddings, one decoder layer, the head) is in memory at a time, so the
+peak is about one embedding matrix above the interpreter's own footprint (~2 GiB RSS for Llama-3.1-8B). The output loads at
 any TP x PP (see `layout`); `--tp` only sets the vocabulary padding (128 x TP) and is checked against the
 head counts, `--pp` is checked against the layer count.
 
@@ -67,8 +67,8 @@ def _write_layer(writer: DistCheckpointWriter, checkpoint: HFCheckpoint, arch: L
 
 
 def write_checkpoint(checkpoint: HFCheckpoint, arch: LlamaArch, directory: Path, new_rows: int, padded: int,
-                     seed: int, common: dict, progress: bool = True) -> int:
-    """Stream the HF tensors into a new `torch_dist` checkpoint directory; returns the bytes written."""
+                     seed: int, common: dict, progress: bool = True) -> None:
+    """Stream the HF tensors into a new `torch_dist` checkpoint directory."""
     with DistCheckpointWriter(directory) as writer, \
             tqdm(total=arch.num_layers + 2, desc="hf -> megatron", unit="group", disable=not progress) as bar:
         _write_rows(writer, EMBEDDING, checkpoint.get("model.embed_tokens.weight"), new_rows, padded, seed)
@@ -81,7 +81,6 @@ def write_checkpoint(checkpoint: HFCheckpoint, arch: LlamaArch, directory: Path,
             _write_rows(writer, OUTPUT, checkpoint.get("lm_head.weight"), new_rows, padded, seed + 1)
         bar.update()
         writer.finish(common)
-        return writer.bytes_written
 
 
 def convert_hf_to_megatron(hf_dir: str | Path, out: str | Path, *, tensor_parallel_size: int = 1,

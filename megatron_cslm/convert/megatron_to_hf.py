@@ -50,8 +50,8 @@ def _write_layer(writer: ShardedSafetensorsWriter, reader: DistCheckpointReader,
 
 
 def write_weights(reader: DistCheckpointReader, arch: LlamaArch, out: Path, dtype: torch.dtype,
-                  max_shard_bytes: int, progress: bool = True) -> int:
-    """Stream the checkpoint's tensors into HF shards; returns the bytes written."""
+                  max_shard_bytes: int, progress: bool = True) -> None:
+    """Stream the checkpoint's tensors into HF shards."""
     v, h = arch.vocab_size, arch.hidden_size
     specs = [(s.name, s.shape) for s in hf_tensor_specs(arch)]
     with ShardedSafetensorsWriter(out, specs, dtype, max_shard_bytes) as writer, \
@@ -65,7 +65,6 @@ def write_weights(reader: DistCheckpointReader, arch: LlamaArch, out: Path, dtyp
         if not arch.tie_word_embeddings:
             writer.write("lm_head.weight", reader.read({OUTPUT: ((0, 0), (v, h))})[OUTPUT])
         bar.update()
-    return writer.bytes_written
 
 
 def write_configs(out: Path, arch: LlamaArch, dtype: torch.dtype) -> None:

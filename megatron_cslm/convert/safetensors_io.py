@@ -134,7 +134,6 @@ class ShardedSafetensorsWriter:
         self._next = 0
         self._file = None
         self._stack = contextlib.ExitStack()
-        self.bytes_written = 0
 
     def __enter__(self) -> "ShardedSafetensorsWriter":
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -175,7 +174,6 @@ class ShardedSafetensorsWriter:
             self._open_shard(s)
         data = tensor.detach().to(dtype=self.dtype).contiguous()
         self._file.write(data.reshape(-1).view(torch.uint8).numpy().data)
-        self.bytes_written += data.numel() * data.element_size()
         self._next += 1
         if self._next == len(self._order) or self._order[self._next][0] != s:
             self._file.flush()

@@ -43,6 +43,7 @@ class Task:
 class ModelSource:
     arch: LlamaArch
     tokenizer_dir: Path
+    checkpoint_padded_vocab: int | None = None  # rows of the checkpoint we start from, if any
 
 
 class TrainingStopped(RuntimeError):
@@ -50,19 +51,31 @@ class TrainingStopped(RuntimeError):
 
 
 def resolve_model(args: argparse.Namespace) -> ModelSource:
-    """Architecture from the init checkpoint's metadata, or a named arch resized to the tokenizer's vocab."""
+    """Architecture from the checkpoint we resume or start from (its cslm_model.json), or a named arch
+    resized to the tokenizer's vocabulary."""
     from megatron_cslm.tokenizer import SpeechTextTokenizer
 
-    if args.load_init:
-        manifest = ModelManifest.load(args.load_init)
-        tokenizer_dir = Path(args.tokenizer_model) if args.tokenizer_model else manifest.tokenizer_dir(args.load_init)
-        return ModelSource(manifest.arch, tokenizer_dir)
+    resuming = args.save and latest_iteration(args.save) is not None
+    start = args.save if resuming else args.load_init  # a resumed run keeps the architecture it was saved with
+    if start:
+        manifest = ModelManifest.load(start)
+        tokenizer_dir = Path(args.tokenizer_model) if args.tokenizer_model else manifest.tokenizer_dir(start)
+        return ModelSource(manifest.arch, tokenizer_dir, manifest.padded_vocab_size)
     if args.model_arch not in ARCHS:
         raise ValueError(f"--model-arch {args.model_arch!r} is not one of {sorted(ARCHS)}")
     if not args.tokenizer_model:
         raise ValueError("--model-arch runs need --tokenizer-model (a saved SpeechTextTokenizer directory)")
     tokenizer = SpeechTextTokenizer.from_pretrained(args.tokenizer_model)
     return ModelSource(ARCHS[args.model_arch].with_vocab(tokenizer.vocab_size), Path(args.tokenizer_model))
+
+
+def run_padded_vocab(source: ModelSource, tp: int, multiple: int) -> int:
+    """Keep the checkpoint's vocabulary padding when it splits evenly at this TP (weights load as saved);
+    otherwise pad for this TP: megatron-core loads embeddings whose padding differs (extra rows are zero)."""
+    step = multiple * tp
+    if source.checkpoint_padded_vocab and source.checkpoint_padded_vocab % step == 0:
+        return source.checkpoint_padded_vocab
+    return padded_vocab_size(source.arch.vocab_size, tp, multiple)
 
 
 def precision_from_args(args: argparse.Namespace, device: str) -> PrecisionConfig:
@@ -116,7 +129,7 @@ def run(args: argparse.Namespace, make_task: Callable[[argparse.Namespace, Model
     num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
     source = resolve_model(args)
     arch, tp = source.arch, args.tensor_model_parallel_size
-    padded = padded_vocab_size(arch.vocab_size, tp, args.make_vocab_size_divisible_by)
+    padded = run_padded_vocab(source, tp, args.make_vocab_size_divisible_by)
     recompute = RecomputeConfig(args.recompute_granularity, args.recompute_method, args.recompute_num_layers)
     config = transformer_config(arch, tensor_parallel_size=tp, pipeline_parallel_size=args.pipeline_model_parallel_size,
                                 virtual_pipeline_size=args.virtual_pipeline_model_parallel_size,
