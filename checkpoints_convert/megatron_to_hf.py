@@ -15,7 +15,7 @@ import argparse
 import sys
 
 from megatron_cslm.convert.megatron_to_hf import DTYPES, convert_megatron_to_hf
-from megatron_cslm.convert.verify import DEFAULT_ATOL, run_verify
+from megatron_cslm.convert.verify import add_verify_args, verify_exit_code
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -32,12 +32,7 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="Weight dtype of the exported files.")
     g.add_argument("--max-shard-gb", type=float, default=5.0,
                    help="Largest safetensors shard in GB (10^9 bytes); Meta ships ~5 GB shards.")
-    g = p.add_argument_group("verification")
-    g.add_argument("--verify", action="store_true",
-                   help="Compare logits of the exported HF model and the megatron-core model on a few prompts "
-                        "(float32, TP=PP=1 in this process: needs RAM/GPU memory for two float32 copies).")
-    g.add_argument("--verify-atol", type=float, default=DEFAULT_ATOL,
-                   help="Largest absolute logit difference accepted by --verify.")
+    add_verify_args(p, hf_role="exported")
     return p.parse_args(argv)
 
 
@@ -47,9 +42,7 @@ def main(argv: list[str] | None = None) -> int:
                                       max_shard_bytes=int(args.max_shard_gb * 10**9))
     print(f"wrote {args.out}: vocab {manifest.arch.vocab_size}, {manifest.arch.num_layers} layers, {args.dtype}")
     if args.verify:
-        result = run_verify(args.out, args.megatron_dir, atol=args.verify_atol)
-        print(result.table())
-        return 0 if result.ok else 1
+        return verify_exit_code(args.out, args.megatron_dir, args.verify_atol)
     return 0
 
 

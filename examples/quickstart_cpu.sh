@@ -35,7 +35,9 @@ stage 4/9 "documents -> .bin/.idx"
 BLEND=()
 for src in asr tts interleave translate cross_speech replay; do
   [[ -f "$RUN/bin/$src.stats.json" ]] || "$PY" tools/preprocess_data.py --input "$RUN/docs/$src.jsonl" \
-    --tokenizer-model "$RUN/tokenizer" --output-prefix "$RUN/bin/$src" --append-eod --workers 2
+    --tokenizer-model "$RUN/tokenizer" --output-prefix "$RUN/bin/$src" --append-eod --workers 2 \
+    > "$RUN/logs/preprocess_$src.log"
+  echo "$src: $("$PY" -c "import json,sys; s=json.load(open(sys.argv[1])); print(s['documents'], 'documents,', s['tokens'], 'tokens')" "$RUN/bin/$src.stats.json")"
   BLEND+=(1 "$RUN/bin/$src")
 done
 

@@ -19,6 +19,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import tempfile
 from collections import Counter
@@ -32,6 +33,9 @@ from megatron_cslm.fileio import DataError, SkipCounter, write_json
 from megatron_cslm.tokenizer import SegmentError, SpeechTextTokenizer
 
 LOSS_MASK_SUFFIX = "_lossmask"
+# A units array as json.dumps writes it, "[12, 345]" or "[12,345]" (possessive quantifiers: no backtracking;
+# leading zeros, which JSON forbids, slip through). See parse_line.
+_UNIT_ARRAY = re.compile(rb'"units": ?\[([0-9]++(?:, ?+[0-9]++)*+)\]')
 BLOCK_RECORDS = 256  # records whose text is tokenized in one call
 _SCAN_BLOCK = 1 << 24
 
@@ -151,7 +155,48 @@ def iter_shard_lines(shard: Shard) -> Iterator[tuple[int, bytes]]:
 
 
 def parse_line(raw: bytes, path: str, line: int) -> dict:
-    """The JSON object on a line; BadRecord for non-UTF-8, malformed JSON or a non-object."""
+    """The JSON object on a line; BadRecord for non-UTF-8, malformed JSON or a non-object.
+
+    Unit arrays are most of a speech corpus's bytes, and json.loads would build a Python int per unit that
+    numpy then converts again. So arrays spelled the way json.dumps writes them are cut out of the line and
+    parsed by numpy (segments[i].units becomes an int64 array); any other line takes plain json.loads.
+    """
+    # A NUL can only come from a "\u0000" escape; without one, NUL-prefixed strings are surely our placeholders.
+    if b'"units"' in raw and b"\\u0000" not in raw:
+        arrays: list[np.ndarray] = []
+
+        def cut(m: re.Match) -> bytes:
+            arrays.append(np.fromstring(m.group(1), dtype=np.int64, sep=","))
+            return b'"units": "\\u0000%d"' % (len(arrays) - 1)
+
+        reduced = _UNIT_ARRAY.sub(cut, raw)
+        if arrays:
+            try:
+                record = json.loads(reduced)
+            except ValueError:
+                record = None  # the general path below reports it, with the right column
+            if isinstance(record, dict) and _restore_units(record, arrays):
+                return record
+    return _loads(raw, path, line)
+
+
+def _restore_units(record: dict, arrays: list[np.ndarray]) -> bool:
+    """Put the cut arrays back; False unless each placeholder sits, in order, in a segments[i].units."""
+    segments = record.get("segments")
+    if not isinstance(segments, list):
+        return False
+    found = 0
+    for seg in segments:
+        units = seg.get("units") if isinstance(seg, dict) else None
+        if isinstance(units, str) and units.startswith("\0"):
+            if units != f"\0{found}":
+                return False
+            seg["units"] = arrays[found]
+            found += 1
+    return found == len(arrays)
+
+
+def _loads(raw: bytes, path: str, line: int) -> dict:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:

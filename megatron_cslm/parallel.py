@@ -82,6 +82,9 @@ def initialize(parallel: ParallelConfig, device: str = "auto", seed: int = 1234,
             virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
             context_parallel_size=parallel.context_parallel_size,
             distributed_timeout_minutes=timeout_minutes,
+            # megatron-core adds gloo twins of its NCCL groups for CPU-side collectives; on a gloo world the
+            # groups are gloo already
+            create_gloo_process_groups=device == "cuda",
         )
     seed_everything(seed)
     return device

@@ -319,16 +319,19 @@ class SFTEncoder:
         before, after = self.instruction[lang]
         return [(before, 0), ({"units": self._units(user.units)}, 0), (after, 0)]
 
-    def encode(self, conv: Conversation) -> Sample:
-        """Token ids and modality mask of a conversation."""
-        none, ta = MODALITIES["none"], MODALITIES["ta"]
+    def _opening(self, system: str | None) -> list[tuple[list[int] | dict, int]]:
+        none = MODALITIES["none"]
         parts: list[tuple[list[int] | dict, int]] = [(self.bos, none)]
-        system = conv.system if conv.system is not None else self.cfg.system_prompt
         if system:
             parts += [(self.header["system"], none), ({"text": system.strip()}, none), (self.eot, none)]
-        for user, assistant in conv.turns:
-            parts += [(self.header["user"], none), *self._user(conv.lang, user), (self.eot, none),
-                      (self.header["assistant"], none), *self._assistant(user, assistant), (self.eot, ta)]
+        return parts
+
+    def _user_turn(self, lang: str, user: UserTurn) -> list[tuple[list[int] | dict, int]]:
+        none = MODALITIES["none"]
+        return [(self.header["user"], none), *self._user(lang, user), (self.eot, none),
+                (self.header["assistant"], none)]
+
+    def _render(self, parts: list[tuple[list[int] | dict, int]]) -> Sample:
         # Empty text/unit parts (an empty chunk) are dropped; the rest is tokenized in one batch call.
         parts = [(p, m) for p, m in parts if p and (not isinstance(p, dict) or next(iter(p.values())))]
         encoded = iter(self.tok.encode_each_segment([p for p, _ in parts if isinstance(p, dict)]))
@@ -338,6 +341,22 @@ class SFTEncoder:
             tokens += ids
             modality += [m] * len(ids)
         return Sample(np.asarray(tokens, dtype=np.int32), np.asarray(modality, dtype=np.uint8))
+
+    def encode(self, conv: Conversation) -> Sample:
+        """Token ids and modality mask of a conversation."""
+        parts = self._opening(conv.system if conv.system is not None else self.cfg.system_prompt)
+        for user, assistant in conv.turns:
+            parts += [*self._user_turn(conv.lang, user), *self._assistant(user, assistant),
+                      (self.eot, MODALITIES["ta"])]
+        return self._render(parts)
+
+    def encode_prompt(self, units: Sequence[int], lang: str) -> list[int]:
+        """The inference prompt for a spoken question: exactly what `encode` puts before the assistant's
+        answer, ending with the assistant header. `lang` picks the instruction, which names the answer language."""
+        if lang not in INSTRUCTIONS:
+            raise ValueError(f"no instruction for answer language {lang!r} (known: {sorted(INSTRUCTIONS)})")
+        user = UserTurn(units=list(units), transcript=None)
+        return self._render(self._opening(self.cfg.system_prompt) + self._user_turn(lang, user)).tokens.tolist()
 
 
 # ---------------------------------------------------------------------------------------------- building

@@ -272,9 +272,9 @@ class SpeechTextTokenizer:
                 raise SegmentError(f"segments[{i}]", "wrong_type", f"expected an object, got {type(seg).__name__}")
             if "units" in seg:
                 units = seg["units"]
-                if not isinstance(units, list):
+                if not isinstance(units, (list, np.ndarray)):
                     raise SegmentError(f"segments[{i}].units", "wrong_type", "expected a list of unit ids")
-                if not units:
+                if not len(units):
                     raise SegmentError(f"segments[{i}].units", "empty", "expected a non-empty list of unit ids")
                 try:
                     out[i] = self._unit_ids(units, wrap=True)

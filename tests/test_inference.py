@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_cslm.fileio import DataError
-from megatron_cslm.inference import SamplingConfig, SpeechLM, build_prompt
+from megatron_cslm.inference import SamplingConfig, SpeechLM
 from megatron_cslm.inference.sampling import ModalityConstraint
 from megatron_cslm.inference.vocab import Vocab
 from megatron_cslm.sft_data import SFTConfig, SFTEncoder, parse_record
@@ -171,15 +171,15 @@ def test_prompt_is_the_sft_user_turn(speech_tokenizer):
             record = {"lang": lang, "turns": [{"role": "user", "units": units, "text": "q"},
                                               {"role": "assistant", "text": "a b", "units": [1, 2]}]}
             full = encoder.encode(parse_record(record, speech_tokenizer.num_units)).tokens.tolist()
-            prompt = build_prompt(encoder, units, lang)
+            prompt = encoder.encode_prompt(units, lang)
             assert full[:len(prompt)] == prompt
             assert full[len(prompt)] == speech_tokenizer.question_id
             text = speech_tokenizer.decode(prompt)
             assert text.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
             assert ("<5><9>" if dedup else "<5><5><9>") in text
-    assert "in English" in speech_tokenizer.decode(build_prompt(encoder, units, "en"))
+    assert "in English" in speech_tokenizer.decode(encoder.encode_prompt(units, "en"))
     with pytest.raises(ValueError, match="answer language 'fr'"):
-        build_prompt(encoder, units, "fr")
+        encoder.encode_prompt(units, "fr")
 
 
 # ---------------------------------------------------------------------------------------------- generation
@@ -192,7 +192,7 @@ def test_trained_models_answer_as_trained(models, speech_tokenizer):
         lm = SpeechLM.from_pretrained(models[layout])
         encoder = SFTEncoder(lm.tok, SFTConfig())
         keys = [(k, lang) for k in QUESTIONS for lang in ("zh", "en")]
-        prompts = [build_prompt(encoder, models["units"][k], lang) for k, lang in keys]
+        prompts = [encoder.encode_prompt(models["units"][k], lang) for k, lang in keys]
         responses = lm.generate(prompts, SamplingConfig(max_new_tokens=80), seeds=list(range(len(keys))))
         for (k, lang), r in zip(keys, responses):
             p = r.parsed
@@ -211,8 +211,8 @@ def test_trained_models_answer_as_trained(models, speech_tokenizer):
 def test_stream_chunks_equal_generate_output(lm, models):
     """Same seed, same ids; the stream's chunks concatenate to the batch output; SA1 arrives mid-generation."""
     encoder = SFTEncoder(lm.tok, SFTConfig())
-    trained = build_prompt(encoder, models["units"]["4"], "en")
-    unknown = build_prompt(encoder, [7, 7, 300, 12, 4000, 81], "zh")  # not in training: output is random
+    trained = encoder.encode_prompt(models["units"]["4"], "en")
+    unknown = encoder.encode_prompt([7, 7, 300, 12, 4000, 81], "zh")  # not in training: output is random
     hot = SamplingConfig(temperature=1.5, top_p=1.0, max_new_tokens=40)
     for prompt, config in ((trained, SamplingConfig(max_new_tokens=80)), (unknown, hot)):
         for seed in (0, 1):
@@ -245,7 +245,7 @@ def test_stream_chunks_equal_generate_output(lm, models):
 @pytest.mark.timeout(600)
 def test_batched_generation_matches_single(lm, models):
     encoder = SFTEncoder(lm.tok, SFTConfig())
-    prompts = [build_prompt(encoder, models["units"][k], lang) for k, lang in (("0", "zh"), ("4", "en"), ("3", "en"))]
+    prompts = [encoder.encode_prompt(models["units"][k], lang) for k, lang in (("0", "zh"), ("4", "en"), ("3", "en"))]
     assert len({len(p) for p in prompts}) == 3  # left padding is exercised
     config = SamplingConfig(max_new_tokens=80)
     batch = lm.generate(prompts, config, [10, 11, 12])
@@ -273,7 +273,7 @@ def test_constraint_masks(speech_tokenizer):
 def test_constrained_decoding_keeps_modalities_apart(lm):
     """At a high temperature the model mixes text and units; the constraint removes exactly that."""
     encoder = SFTEncoder(lm.tok, SFTConfig())
-    prompt = build_prompt(encoder, [1, 2, 3, 4, 5, 6, 7, 8], "en")
+    prompt = encoder.encode_prompt([1, 2, 3, 4, 5, 6, 7, 8], "en")
     mixing = ("unit_outside_speech", "text_inside_speech", "stray_eosp", "nested_sosp", "unclosed_sosp")
     free = SamplingConfig(temperature=3.0, top_p=1.0, max_new_tokens=60)
     seeds = list(range(8))

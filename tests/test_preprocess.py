@@ -12,7 +12,7 @@ import pytest
 
 from megatron_cslm.fileio import DataError
 from megatron_cslm import indexed_data
-from megatron_cslm.indexed_data import encode_document, iter_shard_lines, plan_shards, preprocess
+from megatron_cslm.indexed_data import encode_document, iter_shard_lines, parse_line, plan_shards, preprocess
 from megatron_cslm.tokenizer import SpeechTextTokenizer
 
 
@@ -167,6 +167,29 @@ def test_gpt_dataset_builds_samples(speech_tokenizer, corpus, tmp_path):
         pos, offset = train.sample_index[train.shuffle_index[i]]
         window = stream[starts[pos] + offset: starts[pos] + offset + 33]
         assert sample["tokens"].tolist() == window[:-1].tolist() and sample["labels"].tolist() == window[1:].tolist()
+
+
+@pytest.mark.timeout(60)
+def test_parse_line_unit_fast_path_equals_json():
+    lines = [b'{"segments": [{"text": "a"}, {"units": [1, 22, 333]}, {"units": [4]}], "lang": "en"}',
+             b'{"segments":[{"units":[5,6,7]},{"text":"b"}]}',  # compact separators
+             b'{"segments": [{"units" : [1, 2]}]}',  # unusual spacing: plain json.loads
+             b'{"segments": [{"units": [1,  2]}, {"units": [3 ,4]}, {"units": [ 5]}]}',
+             b'{"segments": [{"text": "a"}], "units": [9, 9]}',  # "units" outside segments
+             b'{"segments": [{"text": "x", "meta": {"units": [1]}}, {"units": [2]}]}',
+             json.dumps({"segments": [{"text": 'say "units": [1, 2]'}, {"units": [3]}]}).encode(),
+             json.dumps({"segments": [{"units": "\x000"}, {"units": [3]}]}).encode(),  # NUL: no fast path
+             b'{"text": "plain"}']
+    for raw in lines:
+        record = parse_line(raw, "f.jsonl", 1)
+        for seg in record.get("segments", []):
+            if isinstance(seg.get("units"), np.ndarray):
+                assert seg["units"].dtype == np.int64
+                seg["units"] = seg["units"].tolist()
+        assert record == json.loads(raw), raw
+    for raw in (b'{"segments": [{"units": [1, 2]}, {"text": "a"}', b'{"segments": [{"units": [1,,2]}]}'):
+        with pytest.raises(DataError, match="f.jsonl:7: malformed JSON"):
+            parse_line(raw, "f.jsonl", 7)
 
 
 BAD_LINES = [  # (line, skip reason, field, message)

@@ -10,6 +10,8 @@ knows the text ids, and prompts containing speech units are skipped for it.
 """
 from __future__ import annotations
 
+import argparse
+
 import os
 import socket
 from dataclasses import dataclass, field
@@ -150,3 +152,20 @@ def run_verify(hf_dir: str | Path, megatron_dir: str | Path, prompts: Sequence[s
         return verify(hf_dir, megatron_dir, prompts, atol)
     finally:
         parallel.destroy()
+
+
+def add_verify_args(parser: argparse.ArgumentParser, hf_role: str) -> None:
+    """The `--verify` flags shared by both converter CLIs."""
+    g = parser.add_argument_group("verification")
+    g.add_argument("--verify", action="store_true",
+                   help=f"Compare logits of the {hf_role} HF model and the megatron-core model on a few prompts "
+                        "(float32, TP=PP=1 in this process: needs RAM/GPU memory for two float32 copies).")
+    g.add_argument("--verify-atol", type=float, default=DEFAULT_ATOL,
+                   help="Largest absolute logit difference accepted by --verify.")
+
+
+def verify_exit_code(hf_dir: str | Path, megatron_dir: str | Path, atol: float) -> int:
+    """Run `--verify`, print its table, and return the CLI's exit code (1 when the models disagree)."""
+    result = run_verify(hf_dir, megatron_dir, atol=atol)
+    print(result.table())
+    return 0 if result.ok else 1

@@ -2,7 +2,7 @@
 
     lm = SpeechLM.from_pretrained("ckpt")                       # exported HF checkpoint + its tokenizer
     encoder = SFTEncoder(lm.tok, SFTConfig())                    # the SFT prompt layout
-    prompt = build_prompt(encoder, units, answer_lang="en")
+    prompt = encoder.encode_prompt(units, lang="en")
     stream = lm.stream(prompt, SamplingConfig(), seed=0)
     for chunk in stream:                                         # TQ, then TA1, SA1, TA2, SA2, ... as completed
         ...
@@ -11,8 +11,7 @@
 from megatron_cslm.inference.generate import Response, SpeechLM, Stream
 from megatron_cslm.inference.latency import Latency
 from megatron_cslm.inference.parse import Chunk, ParsedResponse, ResponseParser, parse_response
-from megatron_cslm.inference.prompt import build_prompt
 from megatron_cslm.inference.sampling import SamplingConfig
 
 __all__ = ["Chunk", "Latency", "ParsedResponse", "Response", "ResponseParser", "SamplingConfig", "SpeechLM",
-           "Stream", "build_prompt", "parse_response"]
+           "Stream", "parse_response"]

@@ -7,7 +7,9 @@ import torch
 
 from megatron_cslm.inference.durations import load_duration_table
 from megatron_cslm.inference.generate import SpeechLM
-from megatron_cslm.inference.prompt import LANGUAGES
+from megatron_cslm.sft_data import INSTRUCTIONS
+
+LANGUAGES = tuple(INSTRUCTIONS)
 from megatron_cslm.inference.sampling import SamplingConfig
 from megatron_cslm.sft_data import SFTConfig, SFTEncoder
 from megatron_cslm.speech_units import UNITS_PER_SECOND

@@ -17,7 +17,6 @@ from megatron_cslm.inference.generate import Response, SpeechLM
 from megatron_cslm.inference.inputs import Question
 from megatron_cslm.inference.outputs import append_outputs, make_record
 from megatron_cslm.inference.parse import Chunk
-from megatron_cslm.inference.prompt import build_prompt
 from megatron_cslm.inference.sampling import SamplingConfig
 from megatron_cslm.sft_data import SFTEncoder
 
@@ -64,7 +63,7 @@ def answer_questions(lm: SpeechLM, encoder: SFTEncoder, questions: Sequence[Ques
     missing = [q.id for q in questions if q.units is None]
     if missing:
         raise ValueError(f"questions {missing[:5]} have no units: tokenize their audio first")
-    prompts = [build_prompt(encoder, q.units, options.answer_lang) for q in questions]
+    prompts = [encoder.encode_prompt(q.units, options.answer_lang) for q in questions]
     for q, p in zip(questions, prompts):
         if options.max_prompt_tokens is not None and len(p) > options.max_prompt_tokens:
             raise ValueError(f"question {q.id}: prompt has {len(p)} tokens, more than the limit of "

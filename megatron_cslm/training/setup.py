@@ -53,7 +53,7 @@ def build_optimizer(model: list, optim: OptimConfig, config, train_steps: int, g
         adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
         clip_grad=optim.clip_grad, bf16=config.bf16, fp16=config.fp16, params_dtype=config.params_dtype,
         use_distributed_optimizer=optim.use_distributed_optimizer)
-    optimizer = get_megatron_optimizer(opt_config, model)
+    optimizer = get_megatron_optimizer(opt_config, model, use_gloo_process_groups=torch.cuda.is_available())
     warmup = int(round(optim.lr_warmup_fraction * train_steps)) * global_batch_size
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0 if warmup else optim.lr, max_lr=optim.lr, min_lr=optim.min_lr,

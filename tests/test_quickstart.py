@@ -1,0 +1,31 @@
+"""Issue 8: the quickstart runs end to end (shortened: a few steps per stage) and re-running reuses stages."""
+import json
+import os
+import subprocess
+
+import pytest
+
+from tests.distributed import ROOT
+
+
+@pytest.mark.timeout(900)
+def test_quickstart_runs_every_stage_and_reuses_them(tmp_path):
+    env = {**os.environ, "QUICK": "1", "RUN": str(tmp_path)}
+    first = subprocess.run(["bash", "examples/quickstart_cpu.sh"], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=850)
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+    for stage in range(1, 10):
+        assert f"=== [{stage}/9]" in first.stdout
+    assert "=== quickstart summary" in first.stdout and "pretraining loss" in first.stdout
+    for path in ("tokenizer/cslm_tokenizer.json", "bin/asr.bin", "bin/replay_lossmask.idx", "pretrain/cslm_model.json",
+                 "sft_data/interleaved.bin", "sft/latest_checkpointed_iteration.txt", "hf/config.json",
+                 "decode/responses.json", "decode/speech_units.txt"):
+        assert (tmp_path / path).exists(), path
+    record = json.loads((tmp_path / "decode" / "decode.jsonl").read_text().splitlines()[0])
+    assert record["chunks"], record
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["vocab_size"] == 1540  # padding stripped
+
+    again = subprocess.run(["bash", "examples/quickstart_cpu.sh"], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "iteration" not in again.stdout.split("=== [8/9]")[0]  # no training step ran again
