@@ -103,9 +103,22 @@ def chunk_text(text: str, target: int = 7, count: Callable[[str], int] = word_co
     return chunks
 
 
+def unit_runs(units: Sequence[int]) -> tuple[list[int], list[int]]:
+    """Merge runs of a repeated unit: (units, durations in frames), e.g. `1 1 2 2 2 3` -> `1 2 3`, `2 3 1`.
+    The durations let a speech decoder restore the timing that deduplication removes."""
+    out, durations = [], []
+    for u in units:
+        if out and out[-1] == u:
+            durations[-1] += 1
+        else:
+            out.append(u)
+            durations.append(1)
+    return out, durations
+
+
 def dedup_units(units: Sequence[int]) -> list[int]:
     """Collapse runs of repeated units (`1 1 2 2 2 3` -> `1 2 3`), as in deduplicated pretraining data."""
-    return [u for i, u in enumerate(units) if i == 0 or u != units[i - 1]]
+    return unit_runs(units)[0]
 
 
 def _dedup_positions(units: Sequence[int]) -> list[int]:

@@ -26,6 +26,9 @@ class DataError(ValueError):
         what = f" field '{field}'" if field else ""
         super().__init__(f"{where}:{what} {message}")
 
+    def __reduce__(self):  # picklable, so an error raised in a worker process reaches the parent intact
+        return DataError, (self.path, self.line, self.field, self.reason)
+
 
 def _umask() -> int:
     mask = os.umask(0)

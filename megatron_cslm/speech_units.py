@@ -21,6 +21,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from megatron_cslm.chunking import unit_runs
 from megatron_cslm.fileio import DataError, SkipCounter, atomic_open, iter_jsonl, require, write_json
 
 SAMPLE_RATE = 16000
@@ -111,18 +112,6 @@ def to_16k(audio: np.ndarray | torch.Tensor, rate: int, device: str | torch.devi
 
     wave = torch.as_tensor(audio, dtype=torch.float32, device=device)
     return wave if rate == SAMPLE_RATE else AF.resample(wave, rate, SAMPLE_RATE)
-
-
-def dedup_units(units: Sequence[int]) -> tuple[list[int], list[int]]:
-    """Merge runs of a repeated unit: returns (units, durations) with durations in unit frames."""
-    out, durations = [], []
-    for u in units:
-        if out and out[-1] == u:
-            durations[-1] += 1
-        else:
-            out.append(u)
-            durations.append(1)
-    return out, durations
 
 
 def load_s3_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -330,7 +319,7 @@ def _load(item: ManifestItem, limits: AudioLimits) -> tuple[np.ndarray, int] | A
 def _record(item: ManifestItem, units: list[int], num_samples: int, dedup: bool, label: str) -> dict:
     rec = {"id": item.id, "audio": item.audio, "text": item.text, "lang": item.lang}
     if dedup:
-        merged, durations = dedup_units(units)
+        merged, durations = unit_runs(units)
         rec.update(units=merged, durations=durations)
     else:
         rec["units"] = units

@@ -16,8 +16,10 @@ import soundfile as sf
 import torch
 
 from megatron_cslm.fileio import DataError
-from megatron_cslm.speech_units import (REJECT_REASONS, AudioLimits, AudioRejected, UnitExtractor, dedup_units,
+from megatron_cslm.chunking import unit_runs
+from megatron_cslm.speech_units import (REJECT_REASONS, AudioLimits, AudioRejected, UnitExtractor,
                                         load_s3_state_dict, read_audio, read_manifest, to_16k, tokenize_manifest)
+from tests.distributed import BELLE_DIR as BELLE
 
 
 
@@ -28,7 +30,6 @@ def load_tool(name: str):
     spec.loader.exec_module(module)
     return module
 
-BELLE = Path("/work/shared/data/belle-eval-s2s")
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +141,7 @@ def test_dedup_25hz_and_long_audio_windows(assets, extractor):
     waves = [to_16k(*read_audio(p)) for p in assets]
     units = extractor(waves)
     assert units == [extractor([w])[0] for w in waves]  # batching/padding does not change units
-    deduped, durations = dedup_units(units[0])
+    deduped, durations = unit_runs(units[0])
     assert sum(durations) == len(units[0]) and np.repeat(deduped, durations).tolist() == units[0]
     assert all(a != b for a, b in zip(deduped, deduped[1:]))
 
