@@ -88,6 +88,8 @@ class _HFText:
         if self.eod_id is None:
             raise ValueError(f"{path}: cannot find an end-of-document token (<|end_of_text|>, eos_token or </s>)")
         self.bos_id = self._first_id("<|begin_of_text|>", self._config_token("bos_token"), "<s>")
+        self.control_ids = frozenset(i for i, t in self.tok.get_added_tokens_decoder().items()
+                                     if t.special and i < self.vocab_size)
 
     def _config_token(self, key: str) -> str | None:
         value = self.config.get(key)
@@ -117,6 +119,7 @@ class _SPText:
         self.sp = spm.SentencePieceProcessor(model_file=str(path))
         self.vocab_size = self.sp.get_piece_size()
         self.markers = {self.sp.id_to_piece(i): i for i in range(self.vocab_size) if self.sp.is_control(i)}
+        self.control_ids = frozenset(self.markers.values())
         if self.sp.eos_id() < 0:
             raise ValueError(f"{path}: SentencePiece model has no eos piece to use as end-of-document")
         self.eod_id = self.sp.eos_id()
@@ -197,6 +200,11 @@ class SpeechTextTokenizer:
                 raise ValueError(f"{path} was saved with {tok.num_units} units, but num_units={num_units}")
             return tok
         return cls(path, 4096 if num_units is None else num_units)
+
+    @property
+    def control_ids(self) -> frozenset[int]:
+        """Control tokens of the text vocabulary (chat headers, <|eot_id|>, reserved specials, <s>): never text."""
+        return self.text.control_ids
 
     def padded_vocab_size(self, multiple: int) -> int:
         """Vocab size rounded up to `multiple` (Megatron pads embeddings for tensor-parallel splits)."""

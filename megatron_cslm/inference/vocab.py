@@ -15,17 +15,6 @@ from megatron_cslm.tokenizer import SpeechTextTokenizer
 _TURN_END = "<|eot_id|>"
 
 
-def _control_ids(tok: SpeechTextTokenizer) -> frozenset[int]:
-    # SpeechTextTokenizer has no public list of its text vocabulary's control tokens yet: SentencePiece control
-    # pieces are its backend's `markers`; a tokenizer.json's are its special added tokens below our ids.
-    backend = tok.text
-    ids = set(getattr(backend, "markers", {}).values())
-    hf = getattr(backend, "tok", None)
-    if hf is not None and hasattr(hf, "get_added_tokens_decoder"):
-        ids |= {i for i, t in hf.get_added_tokens_decoder().items() if t.special and i < tok.base_vocab_size}
-    return frozenset(ids)
-
-
 @dataclass(frozen=True)
 class Vocab:
     """Id classes of a SpeechTextTokenizer, precomputed once per model."""
@@ -48,7 +37,7 @@ class Vocab:
             stops.add(turn_end[0])
         return cls(size=tok.vocab_size, unit_offset=tok.unit_offset, num_units=tok.num_units, sosp=tok.sosp_id,
                    eosp=tok.eosp_id, question=tok.question_id, answer=tok.answer_id, stops=frozenset(stops),
-                   control=_control_ids(tok) | stops)
+                   control=tok.control_ids | stops)
 
     @property
     def pad(self) -> int:
