@@ -28,8 +28,9 @@ def make_task(args: argparse.Namespace, source: ModelSource, padded_vocab: int) 
     eod = SpeechTextTokenizer.from_pretrained(source.tokenizer_dir).eod_id
     splits = [float(x) for x in args.split.split(",")]
     train_samples = args.train_iters * args.global_batch_size
-    valid_samples = (args.train_iters // max(args.eval_interval, 1) + 1) * args.eval_iters * args.global_batch_size \
-        if args.eval_interval and len(splits) > 1 and splits[1] > 0 else 0
+    # every validation pass reads the same first eval_iters global batches of the valid split
+    valid_samples = args.eval_iters * args.global_batch_size if args.eval_interval and len(splits) > 1 and splits[1] > 0 \
+        else 0
     train, valid, _ = build_pretrain_datasets(
         blend, split=args.split, seq_length=args.seq_length, seed=args.seed,
         num_samples=[train_samples, valid_samples, 0], vocab_size=source.arch.vocab_size, eod_id=eod,

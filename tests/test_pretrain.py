@@ -149,3 +149,17 @@ def test_bad_start_up_configs_fail_with_clear_errors(toy_pretrain, tmp_path):
                                                  "--pipeline-model-parallel-size", "2", nproc=2)
     assert "is not a multiple of micro batch" in run("--data-path", toy_pretrain["prefixes"]["asr"],
                                                      "--micro-batch-size", "3", nproc=2)
+
+
+@pytest.mark.timeout(300)
+def test_non_finite_loss_stops_without_saving(toy_pretrain, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    p = torchrun("-m megatron_cslm.pretrain", 1, *_args(toy_pretrain, tmp_path, "--train-iters", "40", "--lr", "1e12",
+                                                          "--lr-warmup-fraction", "0.5", "--clip-grad", "0",
+                                                          "--save", ckpt, "--save-interval", "2"), check=False)
+    assert p.returncode != 0
+    out = p.stdout + p.stderr
+    assert "stopping without saving. Last good checkpoint:" in out, out[-3000:]
+    last = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
+    assert (ckpt / f"iter_{last:07d}" / "metadata.json").exists()
+    assert f"iteration {last}" in out.split("loss is")[1]
