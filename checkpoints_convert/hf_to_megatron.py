@@ -19,14 +19,11 @@ import sys
 
 from megatron_cslm.convert.hf_to_megatron import convert_hf_to_megatron
 from megatron_cslm.convert.verify import add_verify_args, verify_exit_code
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+from megatron_cslm.cli import tool_parser
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    p = tool_parser(__doc__)
     g = p.add_argument_group("input/output")
     g.add_argument("--hf-dir", required=True,
                    help="HF Llama directory: config.json, model.safetensors or shards + model.safetensors.index.json, "

@@ -16,14 +16,11 @@ import sys
 
 from megatron_cslm.convert.megatron_to_hf import DTYPES, convert_megatron_to_hf
 from megatron_cslm.convert.verify import add_verify_args, verify_exit_code
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+from megatron_cslm.cli import tool_parser
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    p = tool_parser(__doc__)
     g = p.add_argument_group("input/output")
     g.add_argument("--megatron-dir", required=True,
                    help="Run directory (its latest_checkpointed_iteration.txt is followed) or one iter_XXXXXXX "

@@ -15,14 +15,11 @@ import json
 
 from megatron_cslm.indexed_data import preprocess
 from megatron_cslm.tokenizer import SpeechTextTokenizer
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+from megatron_cslm.cli import tool_parser
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    p = tool_parser(__doc__)
     g = p.add_argument_group("input data")
     g.add_argument("--input", nargs="+", required=True,
                    help="JSONL or JSONL.gz files or quoted globs; concatenated in the order given (globs sorted).")

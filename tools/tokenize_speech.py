@@ -10,14 +10,11 @@ import argparse
 import json
 
 from megatron_cslm.speech_units import UNITS_PER_SECOND, AudioLimits, UnitExtractor, tokenize_manifest
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+from megatron_cslm.cli import tool_parser
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    p = tool_parser(__doc__)
     g = p.add_argument_group("input/output")
     g.add_argument("--manifest", required=True,
                    help="TSV (id, audio[, text[, lang]], optional 'id<TAB>audio...' header) or JSONL(.gz) with "
