@@ -41,14 +41,16 @@ class ParallelConfig:
 
 
 def resolve_device(device: str) -> str:
-    """'auto' picks CUDA when present; 'cpu' enters megatron-core CPU mode (refused when CUDA is present)."""
+    """'cpu' enters megatron-core CPU mode (refused when CUDA is present); 'auto' (for tools such as the
+    converters' --verify, not training) picks CUDA when present and CPU mode otherwise."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         cpu_mode.enable()
     elif device == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda requested but no CUDA device is visible; use --device cpu for CPU runs")
+            raise ValueError("no CUDA device is visible; pass --device cpu to run megatron-core in CPU mode "
+                               "(gloo; for debugging and CI)")
     else:
         raise ValueError(f"--device must be one of auto, cuda, cpu; got {device!r}")
     return device

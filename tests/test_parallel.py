@@ -57,3 +57,13 @@ def test_cpu_mode_refused_with_cuda():
     with pytest.raises(RuntimeError, match="CUDA is available"):
         cpu_mode.refuse_if_cuda(True)
     cpu_mode.refuse_if_cuda(False)
+
+
+def test_cpu_mode_is_never_implicit():
+    import torch
+
+    from megatron_cslm.parallel import resolve_device
+    if torch.cuda.is_available():
+        pytest.skip("this check is about machines without CUDA")
+    with pytest.raises(ValueError, match="pass --device cpu"):
+        resolve_device("cuda")

@@ -29,8 +29,9 @@ def build_parser(description: str, sft: bool = False) -> argparse.ArgumentParser
                    help="pad the vocabulary to a multiple of this x TP (padding rows are never sampled)")
 
     g = p.add_argument_group("parallelism and device")
-    g.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
-                   help="cpu runs megatron-core on gloo (debugging, CI); refused when CUDA is present")
+    g.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                   help="cpu runs megatron-core on gloo (laptop debugging, CI); it must be asked for explicitly and "
+                        "is refused when CUDA is present")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--virtual-pipeline-model-parallel-size", type=int, default=None)
