@@ -264,7 +264,12 @@ def read_manifest(path: str | os.PathLike) -> list[ManifestItem]:
                 except UnicodeDecodeError as e:
                     raise DataError(path, line, None, f"not valid UTF-8 ({e.reason} at byte {e.start})") from None
                 cols = row.rstrip("\r\n").split("\t")
-                if not row.strip() or (line == 1 and cols[:2] == ["id", "audio"]):
+                if line == 1 and cols[0] == "id":  # a header: a benchmark list such as id<TAB>text has no audio
+                    if cols[:2] != ["id", "audio"]:
+                        raise DataError(path, 1, "audio", f"header {cols} has no 'audio' second column; a speech "
+                                        "manifest is id<TAB>audio[<TAB>text[<TAB>lang]]")
+                    continue
+                if not row.strip():
                     continue
                 if len(cols) < 2 or len(cols) > 4:
                     raise DataError(path, line, None, f"expected 2-4 tab-separated columns "

@@ -200,3 +200,8 @@ def test_cli(assets, tmp_path, capsys):
     assert "RANDOMLY INITIALISED" in out.err and json.loads(out.out)["written"] == 1
     rec = read_jsonl(tmp_path / "u.jsonl")[0]
     assert rec["id"] == "a" and sum(rec["durations"]) == rec["num_frames"] == 210
+
+
+def test_benchmark_list_without_audio_column_is_refused_by_name():
+    with pytest.raises(DataError, match=r"test.tsv:1: field 'audio' header \['id', 'text'\] has no 'audio'"):
+        read_manifest(BELLE / "test.tsv")
