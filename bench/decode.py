@@ -7,8 +7,8 @@ Compares, on the speech-text vocabulary (Llama-3 + 4,096 units + 4 specials = 13
   4. streaming: `SpeechLM.stream` vs `SpeechLM.generate` for one prompt (the cost of yielding chunks)
 on a randomly initialised Llama of the given architecture. Ratios > 1 mean ours is faster.
 
-    python bench/bench_decode.py            # full
-    python bench/bench_decode.py --quick    # seconds, for CI smoke runs
+    python bench/decode.py            # full
+    python bench/decode.py --quick    # seconds, for CI smoke runs
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def main() -> None:
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from megatron_cslm.inference import SamplingConfig, SpeechLM, build_prompt
+    from megatron_cslm.inference import SamplingConfig, SpeechLM
     from megatron_cslm.inference.sampling import sample, top_p_filter
     from megatron_cslm.model import ARCHS
     from megatron_cslm.sft_data import SFTConfig, SFTEncoder
@@ -91,7 +91,7 @@ def main() -> None:
     model = model.to(device, dtype).eval()
     lm = SpeechLM(model, tok)
     encoder = SFTEncoder(tok, SFTConfig())
-    prompts = [build_prompt(encoder, [(7 * i + 13 * j) % 4096 for j in range(args.prompt_units)], "en")
+    prompts = [encoder.encode_prompt([(7 * i + 13 * j) % 4096 for j in range(args.prompt_units)], "en")
                for i in range(args.batch)]
     # A random model's next-token distribution is nearly uniform (a top-p 0.7 nucleus of ~90k ids); scale the
     # output layer so its logits have the spread used above, as peaked as a trained model's.
