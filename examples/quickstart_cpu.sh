@@ -3,7 +3,7 @@
 # downloaded): corpus -> tokenizer -> pretraining data (all recipes) -> .bin/.idx -> continual pretraining
 # (tiny Llama, TP=2 on gloo) -> packed interleaved SFT data -> SFT -> HF export -> streaming spoken answer.
 #
-#   bash examples/quickstart_cpu.sh            # ~5-8 min on 2 cores; re-running reuses finished stages
+#   bash examples/quickstart_cpu.sh            # ~3-4 min on 2 cores; re-running reuses finished stages
 #   QUICK=1 bash examples/quickstart_cpu.sh    # a few steps per stage (what the test suite runs)
 #   RUN=/path/to/dir bash examples/quickstart_cpu.sh
 set -euo pipefail
