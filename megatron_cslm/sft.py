@@ -65,7 +65,9 @@ def make_task(args: argparse.Namespace, source: ModelSource, padded_vocab: int) 
     def load(prefixes):
         datasets = [PackedSFTDataset(p, args.seq_length) for p in prefixes]
         most = max(d.max_samples for d in datasets)
-        return EpochShuffled([PackedSFTDataset(p, args.seq_length, most) for p in prefixes], args.seed)
+        for d in datasets:  # batched together: one cu_seqlens width (only ever widened, so every bin fits)
+            d.max_samples = most
+        return EpochShuffled(datasets, args.seed)
 
     train_prefixes = parse_data_path(args.data_path)
     if train_prefixes.weights:
