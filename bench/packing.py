@@ -4,12 +4,16 @@
 Lengths only (no tokenizer): a spoken question of U(2, 20) s at 50 units/s, its transcript, and an answer
 of U(50, 400) words as text (1.3 Llama-3 tokens/word, <sosp>/<eosp> per 7-word chunk) plus its speech at
 2.5 words/s = 20 units/word; `dedup` scales units by 0.6 (deduplicated S3 units), plus ~30 chat-template
-tokens. Both methods see the same samples truncated to --seq-length positions.
+tokens. The longest such sample has ~9,700 positions with raw units, ~6,100 with deduplicated ones.
+
+The authors' collator trains whole samples, so the headline compares at the bin size that holds every
+sample whole (`whole_sample_seq_length`: the power of two over the longest). Shorter bins (--seq-lengths)
+are printed too: there both methods see the same samples truncated, and no whole-sample packing can beat
+`bound` (every sample over half a bin needs a bin of its own).
 
 Baseline (same process): shuffled batches of --micro-batch-size, each padded to its longest sample rounded
-up to a multiple of 8. Printed per scenario: non-pad fraction of the tokens computed on, real tokens per
-step and steps per epoch at the same micro-batch, with packing/padding ratios, plus the best fill any
-whole-sample packing could reach (`packing_bound`), to show how far BFD is from optimal.
+up to a multiple of 8. Per bin size: non-pad fraction of the positions computed on, and real tokens per
+step at the same micro-batch (rows of a bin vs rows of a sample; `positions/step` shows the cost).
 
     python bench/packing.py            # 200k samples
     python bench/packing.py --quick    # 5k samples, seconds
@@ -25,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_cslm.packing import best_fit_decreasing  # noqa: E402
+from megatron_cslm.packing import best_fit_decreasing, packing_bound, whole_sample_seq_length  # noqa: E402
 
 TEMPLATE_TOKENS = 30  # BOS, role headers, instruction, <|eot_id|> x2, [question], [answer]
 TOKENS_PER_WORD = 1.3  # Llama-3 BPE on English
@@ -55,44 +59,44 @@ def padded_batches(positions: np.ndarray, batch: int, multiple: int, rng: np.ran
     return int(positions.sum()), computed
 
 
-def packing_bound(positions: np.ndarray, seq_length: int) -> float:
-    """Upper bound on the fill of any whole-sample packing: every sample over half a bin needs its own bin,
-    and one too long to share with even the shortest sample leaves its bin's rest empty."""
-    total = positions.sum()
-    alone = positions > seq_length - positions.min()
-    bins = max((positions > seq_length // 2).sum(), alone.sum() + np.ceil(positions[~alone].sum() / seq_length),
-               np.ceil(total / seq_length))
-    return float(total / (bins * seq_length))
-
-
-def run(name: str, lengths: np.ndarray, args: argparse.Namespace) -> float:
-    s, mbs = args.seq_length, args.micro_batch_size
+def compare(lengths: np.ndarray, s: int, args: argparse.Namespace) -> dict:
+    """Packing vs padding of `lengths` (tokens) at bin size `s`, both on the same samples cut to s positions."""
+    mbs = args.micro_batch_size
     positions = np.minimum(lengths, s + 1) - 1  # a sample of n+1 tokens trains n positions
     t0 = time.perf_counter()
     bins = best_fit_decreasing(positions, s, args.seed)
-    pack_s = time.perf_counter() - t0
-    fill = positions.sum() / (len(bins) * s)
+    seconds = time.perf_counter() - t0
     real, computed = padded_batches(positions, mbs, args.pad_multiple, np.random.default_rng(args.seed))
-    pad_frac = real / computed
     pad_steps, pack_steps = -(-len(positions) // mbs), -(-len(bins) // mbs)
-    pad_tps, pack_tps = real / pad_steps, real / pack_steps
-    print(f"\n[{name}] {len(lengths)} samples, median {int(np.median(lengths))} tokens, "
-          f"{(lengths > s + 1).mean():.1%} longer than {s} (truncated for both methods)")
-    print(f"  non-pad fraction   packing {fill:.4f}   padding {pad_frac:.4f}   ratio {fill / pad_frac:.3f}x"
-          f"   (whole-sample packing bound {packing_bound(positions, s):.4f})")
-    print(f"  real tokens/step   packing {pack_tps:,.0f}   padding {pad_tps:,.0f}   ratio {pack_tps / pad_tps:.3f}x"
-          f"   (micro-batch {mbs}: {mbs} bins of {s} vs {mbs} samples)")
-    print(f"  steps/epoch        packing {pack_steps:,}   padding {pad_steps:,}   ratio "
-          f"{pack_steps / pad_steps:.3f}x")
-    print(f"  best-fit-decreasing planned {len(positions):,} samples into {len(bins):,} bins in {pack_s:.2f} s")
-    return fill
+    return {"s": s, "cut": float((lengths > s + 1).mean()), "bins": len(bins), "seconds": seconds,
+            "pack": real / (len(bins) * s), "bound": packing_bound(positions, s), "pad": real / computed,
+            "pack_tps": real / pack_steps, "pad_tps": real / pad_steps,
+            "pack_pps": mbs * s, "pad_pps": computed / pad_steps}
+
+
+def report(name: str, lengths: np.ndarray, args: argparse.Namespace) -> dict:
+    """Print the table for one scenario; return the whole-sample row."""
+    whole = whole_sample_seq_length(int(lengths.max()) - 1)
+    rows = [compare(lengths, s, args) for s in sorted({*args.seq_lengths, whole})]
+    print(f"\n[{name}] {len(lengths):,} samples, median {int(np.median(lengths)):,} tokens, longest "
+          f"{int(lengths.max()):,} -> whole-sample bin {whole:,}")
+    print(f"  {'seq':>6} {'cut':>6} | {'non-pad: packing':>16} {'bound':>6} {'padding':>8} {'ratio':>7} | "
+          f"{'real tokens/step: packing':>25} {'padding':>8} {'ratio':>7} | {'positions/step':>17} | BFD")
+    for r in rows:
+        mark = "*" if r["s"] == whole else " "
+        print(f" {mark}{r['s']:>6} {r['cut']:>6.1%} | {r['pack']:>16.4f} {r['bound']:>6.4f} {r['pad']:>8.4f} "
+              f"{r['pack'] / r['pad']:>6.3f}x | {r['pack_tps']:>25,.0f} {r['pad_tps']:>8,.0f} "
+              f"{r['pack_tps'] / r['pad_tps']:>6.3f}x | {r['pack_pps']:>8,} {r['pad_pps']:>8,.0f} | "
+              f"{r['bins']:,} bins in {r['seconds']:.2f} s")
+    return next(r for r in rows if r["s"] == whole)
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="5,000 samples instead of --num-samples")
     p.add_argument("--num-samples", type=int, default=200_000, help="samples per scenario (default: 200000)")
-    p.add_argument("--seq-length", type=int, default=4096, help="tokens per bin / max sample length (default: 4096)")
+    p.add_argument("--seq-lengths", type=int, nargs="+", default=[4096, 8192, 16384],
+                   help="bin sizes (positions) to compare besides the whole-sample one (default: 4096 8192 16384)")
     p.add_argument("--micro-batch-size", type=int, default=4, help="rows per step for both methods (default: 4)")
     p.add_argument("--pad-multiple", type=int, default=8, help="baseline pads batches to a multiple (default: 8)")
     p.add_argument("--question-seconds", type=float, nargs=2, default=(2.0, 20.0),
@@ -109,8 +113,13 @@ def main(argv: list[str] | None = None) -> None:
     n = 5_000 if args.quick else args.num_samples
     rng = np.random.default_rng(args.seed)
     spans = (tuple(args.question_seconds), tuple(args.answer_words))
-    for name, ratio in (("units", 1.0), (f"dedup units (x{args.dedup_ratio})", args.dedup_ratio)):
-        run(name, sample_lengths(n, rng, ratio, *spans), args)
+    print("* = the whole-sample bin (nothing cut); cut = samples truncated to the bin, for both methods")
+    headline = {name: report(name, sample_lengths(n, rng, ratio, *spans), args)
+                for name, ratio in (("units", 1.0), (f"dedup units (x{args.dedup_ratio})", args.dedup_ratio))}
+    print("\nwhole samples, micro-batch", args.micro_batch_size)
+    for name, r in headline.items():
+        print(f"  {name:<22} seq {r['s']:>6,}: non-pad packing {r['pack']:.4f} vs padding {r['pad']:.4f} "
+              f"({r['pack'] / r['pad']:.3f}x); real tokens/step {r['pack_tps'] / r['pad_tps']:.3f}x")
 
 
 if __name__ == "__main__":

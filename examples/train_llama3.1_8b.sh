@@ -19,7 +19,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 case "$STAGE" in
   pretrain) CONFIG="${CONFIG:-$ROOT/examples/configs/pretrain_llama3.1_8b.yaml}"; SEQ="${SEQ:-1024}"; GBS="${GBS:-1024}"
             MBS="${MBS:-4}"; TP="${TP:-2}"; TRAIN_TOKENS="${TRAIN_TOKENS:-10e9}" ;;
-  sft)      CONFIG="${CONFIG:-$ROOT/examples/configs/sft_llama3.1_8b.yaml}"; SEQ="${SEQ:-4096}"; GBS="${GBS:-128}"
+  sft)      CONFIG="${CONFIG:-$ROOT/examples/configs/sft_llama3.1_8b.yaml}"; SEQ="${SEQ:-8192}"; GBS="${GBS:-64}"
             MBS="${MBS:-1}"; TP="${TP:-4}"; TRAIN_TOKENS="${TRAIN_TOKENS:-1e9}" ;;
   *) echo "stage must be pretrain or sft, got '$STAGE'" >&2; exit 2 ;;
 esac

@@ -103,6 +103,31 @@ def best_fit_decreasing(sizes: Sequence[int], capacity: int, seed: int = 0) -> l
     return [bins[b] for b in rng.permutation(len(bins)).tolist()]
 
 
+def packing_bound(positions: Sequence[int], seq_length: int) -> float:
+    """Upper bound on the fill of any whole-sample packing of `positions` (each <= seq_length) into bins.
+
+    Every sample over half a bin needs a bin of its own, and one too long to share with even the shortest
+    sample leaves the rest of its bin empty, so no packer, however clever, can fill more than this.
+    """
+    positions = np.asarray(positions, dtype=np.int64)
+    if not positions.size:
+        return 0.0
+    total = positions.sum()
+    alone = positions > seq_length - positions.min()
+    bins = max((positions > seq_length // 2).sum(), alone.sum() + np.ceil(positions[~alone].sum() / seq_length),
+               np.ceil(total / seq_length))
+    return float(total / (bins * seq_length))
+
+
+def whole_sample_seq_length(longest: int) -> int:
+    """The power-of-two bin size that holds a sample of `longest` positions whole (at least 1024).
+
+    Bins are usually sized as powers of two; one that holds the longest sample truncates nothing, and with
+    THD attention (TE) a long bin costs no more per token than short ones, since samples never attend across.
+    """
+    return max(1024, 1 << max(0, int(longest) - 1).bit_length())
+
+
 @dataclass
 class PackPlan:
     """Which samples go in which bin, and what happened to the others."""
@@ -182,15 +207,20 @@ def pack_dataset(src_prefix: str, out_prefix: str, seq_length: int, overlong: st
         tok_out.finalize(str(ti))
         mod_out.finalize(str(mi))
     per_bin = [len(b) for b in plan.bins]
-    positions = int(sum(int(plan.keep[i]) - 1 for b in plan.bins for i in b))
+    kept = np.array([int(plan.keep[i]) - 1 for b in plan.bins for i in b], dtype=np.int64)
+    positions = int(kept.sum())
     capacity = len(plan.bins) * seq_length
+    longest = int(tokens.sequence_lengths.max(initial=1)) - 1
     return {
         "seq_length": seq_length, "overlong": overlong, "seed": seed,
         "samples_in": len(tokens), "samples": sum(per_bin), "truncated": len(plan.truncated),
+        "longer_than_seq_length": int((tokens.sequence_lengths > seq_length + 1).sum()),
+        "longest_sample": longest, "whole_sample_seq_length": whole_sample_seq_length(longest),
         "dropped": {k: len(v) for k, v in plan.dropped.items()},
         "bins": len(plan.bins), "max_samples_per_bin": max(per_bin, default=0),
         "tokens": positions, "pad_tokens": capacity - positions,
         "fill_ratio": positions / capacity if capacity else 0.0,
+        "fill_bound": packing_bound(kept, seq_length),
         "loss_tokens": {name: int(trained[v]) for name, v in MODALITIES.items() if v},
     }
 

@@ -91,7 +91,7 @@ def make_task(args: argparse.Namespace, source: ModelSource, padded_vocab: int) 
 
 def parser() -> argparse.ArgumentParser:
     p = build_parser("Supervised fine-tuning on packed chain-of-modality spoken dialogue (CSLM stage 2).", sft=True)
-    p.set_defaults(seq_length=4096, split="100,0,0")
+    p.set_defaults(seq_length=8192, split="100,0,0")
     return p
 
 

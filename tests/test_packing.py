@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from megatron_cslm.packing import (MODALITIES, PackedSFTDataset, _FirstFit, best_fit_decreasing,
-                                   block_causal_mask, modality_prefix, packed_seq_params, plan_packing)
+                                   block_causal_mask, modality_prefix, packed_seq_params, packing_bound,
+                                   plan_packing, whole_sample_seq_length)
 from megatron_cslm.sft_data import SFTConfig, SFTEncoder, build_sft_data, parse_record
 
 WORDS = "the a city river tower museum bridge park night light old new famous long walk".split()
@@ -71,6 +72,21 @@ def test_best_fit_decreasing_is_valid_deterministic_and_tight():
     assert all(list(sizes[b]) == sorted(sizes[b], reverse=True) for b in bins)
     with pytest.raises(ValueError, match="sizes must be in"):
         best_fit_decreasing([5, 1001], 1000)
+
+
+@pytest.mark.timeout(30)
+def test_packing_bound_is_reached_and_never_beaten():
+    assert packing_bound([6, 6, 6], 10) == pytest.approx(18 / 30)  # over half a bin: one bin each
+    assert packing_bound([9, 2, 2], 10) == pytest.approx(13 / 20)  # 9 shares with nothing; 2+2 share a bin
+    assert packing_bound([5, 5, 4, 6], 10) == 1.0
+    for sizes, cap in (([6, 6, 6], 10), ([9, 2, 2], 10), ([5, 5, 4, 6], 10)):
+        bins = best_fit_decreasing(sizes, cap)
+        assert sum(sizes) / (len(bins) * cap) == pytest.approx(packing_bound(sizes, cap))
+    rng = np.random.default_rng(1)
+    for _ in range(20):  # BFD never exceeds the bound
+        sizes = rng.integers(1, 1000, 200)
+        assert sizes.sum() / (len(best_fit_decreasing(sizes, 1000)) * 1000) <= packing_bound(sizes, 1000) + 1e-12
+    assert [whole_sample_seq_length(n) for n in (1, 1024, 1025, 6129, 9726)] == [1024, 1024, 2048, 8192, 16384]
 
 
 @pytest.mark.timeout(30)

@@ -12,7 +12,7 @@ import pytest
 
 from megatron_cslm.chunking import Chunk, chunk_answer, chunk_text, dedup_units, split_pieces
 from megatron_cslm.fileio import DataError
-from megatron_cslm.packing import MODALITIES
+from megatron_cslm.packing import MODALITIES, whole_sample_seq_length
 from megatron_cslm.sft_data import INSTRUCTIONS, FieldError, SFTConfig, SFTEncoder, build_sft_data, parse_record
 
 TQ, TA, SA = MODALITIES["tq"], MODALITIES["ta"], MODALITIES["sa"]
@@ -350,6 +350,15 @@ def test_cli_builds_packed_data(llama3_tokenizer_path, tmp_path, capsys):
     assert stats["records"]["read"] == 3 and stats["config"]["dedup_units"] is True
     assert stats["samples"] + sum(stats["dropped"].values()) == 3
     assert "records: read=3" in capsys.readouterr().out
+    assert stats["longer_than_seq_length"] == 0 and stats["fill_ratio"] <= stats["fill_bound"]
+    # bins too short for the longest sample: counted, and the size that keeps every sample whole is named
+    assert cli.main(["--input", str(path), "--tokenizer-model", str(llama3_tokenizer_path), "--output-prefix",
+                     str(tmp_path / "short"), "--seq-length", "64"]) == 0
+    short = json.loads((tmp_path / "short.stats.json").read_text())
+    assert short["longest_sample"] == stats["longest_sample"] > 64 and short["longer_than_seq_length"] >= 1
+    err = capsys.readouterr().err
+    assert f"are longer than --seq-length 64 (truncated); the longest has {stats['longest_sample']} positions, " \
+           f"--seq-length {whole_sample_seq_length(stats['longest_sample'])} keeps every sample whole" in err
     bad = _write_jsonl(tmp_path / "bad.jsonl", [{"prompt": 1, "response": "x"}])
     assert cli.main(["--input", str(bad), "--tokenizer-model", str(llama3_tokenizer_path), "--output-prefix",
                      str(tmp_path / "bad")]) == 1

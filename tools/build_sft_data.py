@@ -5,7 +5,7 @@
 
 Example:
     tools/build_sft_data.py --input sft.jsonl --tokenizer-model ckpt/tokenizer --output-prefix data/sft \\
-        --seq-length 4096 --layout interleaved --chunk-words 7 --dedup-units
+        --seq-length 8192 --layout interleaved --chunk-words 7 --dedup-units
 """
 from __future__ import annotations
 
@@ -51,7 +51,9 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--lang", choices=sorted(INSTRUCTIONS), default="en",
                    help="instruction language for records without a 'lang' field (default: en)")
     g = p.add_argument_group("packing")
-    g.add_argument("--seq-length", type=int, default=4096, help="tokens per packed bin (default: 4096)")
+    g.add_argument("--seq-length", type=int, default=8192,
+                   help="positions per packed bin, = the training --seq-length; size it to hold the longest sample "
+                        "(the run reports the size that does), since longer samples are cut (default: 8192)")
     g.add_argument("--overlong", choices=OVERLONG, default="truncate",
                    help="samples longer than --seq-length + 1 tokens: truncate or drop, counted (default: truncate)")
     g.add_argument("--seed", type=int, default=0, help="seed for packing ties and bin order (default: 0)")
@@ -72,8 +74,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     r = stats["records"]
     print(f"records: read={r['read']} packed={r['written']} skipped={r['skipped_total']} {r['skipped']}")
-    print(f"bins={stats['bins']} fill={stats['fill_ratio']:.4f} truncated={stats['truncated']} "
-          f"loss tokens={json.dumps(stats['loss_tokens'])} -> {args.output_prefix}.stats.json")
+    print(f"bins={stats['bins']} fill={stats['fill_ratio']:.4f} (bound {stats['fill_bound']:.4f}) "
+          f"truncated={stats['truncated']} loss tokens={json.dumps(stats['loss_tokens'])} "
+          f"-> {args.output_prefix}.stats.json")
+    if stats["longer_than_seq_length"]:
+        print(f"warning: {stats['longer_than_seq_length']} of {stats['samples_in']} samples are longer than --seq-length "
+              f"{args.seq_length} ({'dropped' if args.overlong == 'drop' else 'truncated'}); the longest has {stats['longest_sample']} positions, "
+              f"--seq-length {stats['whole_sample_seq_length']} keeps every sample whole", file=sys.stderr)
     return 0
 
 
