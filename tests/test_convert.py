@@ -181,7 +181,7 @@ def test_vocab_expansion(work, results, speech_tokenizer):
 
     from megatron_cslm.convert.dist_ckpt import DistCheckpointReader
     from megatron_cslm.convert.layout import EMBEDDING, OUTPUT
-    from megatron_cslm.convert.manifest import ModelManifest
+    from megatron_cslm.manifest import ModelManifest
 
     base, vocab = speech_tokenizer.base_vocab_size, speech_tokenizer.vocab_size
     manifest = ModelManifest.load(work / "expanded")
@@ -325,7 +325,7 @@ def _worker(work: Path) -> None:
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     from megatron_cslm import parallel
-    from megatron_cslm.convert.manifest import MANIFEST, ModelManifest
+    from megatron_cslm.manifest import MANIFEST, ModelManifest
     from megatron_cslm.convert.verify import verify
     from megatron_cslm.model import PrecisionConfig, transformer_config
     from megatron_cslm.training.checkpoint import load_checkpoint, save_checkpoint

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from megatron_cslm.convert.dist_ckpt import DistCheckpointWriter
 from megatron_cslm.convert.layout import (EMBEDDING, EXTRA_STATE_MODULES, FINAL_NORM, OUTPUT, extra_state_key,
                                           hf_layer_names, hf_layer_to_megatron, hf_tensor_specs)
-from megatron_cslm.convert.manifest import ModelManifest
+from megatron_cslm.manifest import ModelManifest
 from megatron_cslm.convert.safetensors_io import HFCheckpoint
 from megatron_cslm.convert.vocab import tail_rows
 from megatron_cslm.fileio import DataError, atomic_open

@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-from megatron_cslm.convert.manifest import ModelManifest, resolve_checkpoint
+from megatron_cslm.manifest import ModelManifest, resolve_checkpoint
 
 DEFAULT_PROMPTS = (
     "The capital of France is",

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from megatron_cslm import parallel
 from megatron_cslm.flops import train_flops_per_token
-from megatron_cslm.convert.manifest import ModelManifest
+from megatron_cslm.manifest import ModelManifest
 from megatron_cslm.model import ARCHS, LlamaArch, PrecisionConfig, RecomputeConfig, padded_vocab_size, transformer_config
 from megatron_cslm.training.checkpoint import latest_iteration, load_checkpoint, save_checkpoint
 from megatron_cslm.training.logger import TrainingLogger
@@ -50,13 +50,12 @@ class TrainingStopped(RuntimeError):
     """Raised on every rank when the loss stops being finite."""
 
 
-def resolve_model(args: argparse.Namespace) -> ModelSource:
-    """Architecture from the checkpoint we resume or start from (its cslm_model.json), or a named arch
-    resized to the tokenizer's vocabulary."""
+def resolve_model(args: argparse.Namespace, resume_at: int | None) -> ModelSource:
+    """Architecture from the checkpoint we resume (`resume_at` in --save) or start from (its cslm_model.json),
+    or a named arch resized to the tokenizer's vocabulary."""
     from megatron_cslm.tokenizer import SpeechTextTokenizer
 
-    resuming = args.save and latest_iteration(args.save) is not None
-    start = args.save if resuming else args.load_init  # a resumed run keeps the architecture it was saved with
+    start = args.save if resume_at is not None else args.load_init  # a resumed run keeps its saved architecture
     if start:
         manifest = ModelManifest.load(start)
         tokenizer_dir = Path(args.tokenizer_model) if args.tokenizer_model else manifest.tokenizer_dir(start)
@@ -127,7 +126,8 @@ def run(args: argparse.Namespace, make_task: Callable[[argparse.Namespace, Model
         raise ValueError(f"--global-batch-size {args.global_batch_size} is not a multiple of micro batch "
                          f"{args.micro_batch_size} x data-parallel size {dp}")
     num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
-    source = resolve_model(args)
+    resume_at = latest_iteration(args.save) if args.save else None
+    source = resolve_model(args, resume_at)
     arch, tp = source.arch, args.tensor_model_parallel_size
     padded = run_padded_vocab(source, tp, args.make_vocab_size_divisible_by)
     recompute = RecomputeConfig(args.recompute_granularity, args.recompute_method, args.recompute_num_layers)
@@ -145,7 +145,6 @@ def run(args: argparse.Namespace, make_task: Callable[[argparse.Namespace, Model
     optimizer, scheduler = build_optimizer(model, optim, config, args.train_iters, args.global_batch_size)
 
     iteration, consumed = 0, 0
-    resume_at = latest_iteration(args.save) if args.save else None
     if resume_at is not None:
         common = load_checkpoint(args.save, resume_at, model, optimizer, scheduler)
         iteration, consumed = common["iteration"], common["consumed_samples"]
