@@ -14,7 +14,9 @@ is its own trailing "sample" in `cu_seqlens`, so it never attends into, or is at
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -246,6 +248,8 @@ class PackedSFTDataset(torch.utils.data.Dataset):
             if fill.size and fill.max() > seq_length:
                 raise ValueError(f"{prefix}: a bin holds {int(fill.max())} positions > seq_length {seq_length}; "
                                  "it was packed for a longer sequence")
+        stats = Path(f"{prefix}.stats.json")  # written by build_sft_data; absent for bare pack_dataset output
+        self.packed_seq_length = json.loads(stats.read_text())["seq_length"] if stats.exists() else None
         most = int(np.diff(self.doc).max()) + 1 if len(self.doc) > 1 else 1
         self.max_samples = most if max_samples is None else max_samples
         if self.max_samples < most:

@@ -17,7 +17,7 @@ from megatron_cslm.model import default_spec_name
 from megatron_cslm.packing import MODALITIES, PackedSFTDataset, block_causal_mask
 from megatron_cslm.training.arguments import build_parser
 from megatron_cslm.training.data import check_indexed_dataset, micro_batch_stream, parse_data_path
-from megatron_cslm.training.loop import ModelSource, Task, main
+from megatron_cslm.training.loop import ModelSource, Task, main, print_rank_0
 
 GROUPS = sorted(MODALITIES, key=MODALITIES.get)  # index = modality id: none, tq, ta, sa
 
@@ -64,6 +64,11 @@ def make_collate(seq_length: int, thd: bool):
 def make_task(args: argparse.Namespace, source: ModelSource, padded_vocab: int) -> Task:
     def load(prefixes):
         datasets = [PackedSFTDataset(p, args.seq_length) for p in prefixes]
+        for d in datasets:
+            if d.packed_seq_length and d.packed_seq_length < args.seq_length:
+                print_rank_0(f"warning: {d.prefix} was packed into bins of {d.packed_seq_length} positions; at "
+                             f"--seq-length {args.seq_length} every bin is padded to that. Repack it with "
+                             f"build_sft_data.py --seq-length {args.seq_length}")
         most = max(d.max_samples for d in datasets)
         for d in datasets:  # batched together: one cu_seqlens width (only ever widened, so every bin fits)
             d.max_samples = most

@@ -121,6 +121,7 @@ def test_packed_dataset_returns_shifted_samples_with_restarting_positions(speech
         originals[tuple(s.tokens[:1025].tolist())] = s.modality[:1025]
     ds = PackedSFTDataset(prefix, 1024)
     assert len(ds) == stats["bins"] and stats["samples"] + sum(stats["dropped"].values()) == 40
+    assert ds.packed_seq_length == PackedSFTDataset(prefix, 2048).packed_seq_length == 1024  # sft warns on 2048
     seen, trained = 0, {k: 0 for k in ("tq", "ta", "sa")}
     for i in range(len(ds)):
         item = ds[i]

@@ -148,12 +148,12 @@ def run(args: argparse.Namespace, make_task: Callable[[argparse.Namespace, Model
     if resume_at is not None:
         common = load_checkpoint(args.save, resume_at, model, optimizer, scheduler)
         iteration, consumed = common["iteration"], common["consumed_samples"]
-        _print(f"resumed from {args.save} at iteration {iteration} ({consumed} samples consumed)")
+        print_rank_0(f"resumed from {args.save} at iteration {iteration} ({consumed} samples consumed)")
     elif args.load_init:
         init_at = latest_iteration(args.load_init) or 0
         load_checkpoint(args.load_init, init_at, model, None, None, restore_rng=False)
         optimizer.reload_model_params()
-        _print(f"initialised weights from {args.load_init} (iteration {init_at})")
+        print_rank_0(f"initialised weights from {args.load_init} (iteration {init_at})")
     if args.save and dist.get_rank() == 0:
         ModelManifest(arch, padded, str(source.tokenizer_dir.resolve())).save(args.save)
 
@@ -172,7 +172,7 @@ def run(args: argparse.Namespace, make_task: Callable[[argparse.Namespace, Model
             with_optim = it > 0 and not args.no_save_optim  # an optimizer that never stepped has no state
             save_checkpoint(args.save, it, model, optimizer if with_optim else None, scheduler,
                             {"iteration": it, "consumed_samples": consumed, "args": _plain(vars(args))})
-            _print(f"saved checkpoint at iteration {it} to {args.save}")
+            print_rank_0(f"saved checkpoint at iteration {it} to {args.save}")
 
     tokens_per_step = args.global_batch_size * args.seq_length
     if args.train_iters == 0:  # an init-only run: write the initial weights (e.g. to start several runs alike)
@@ -197,7 +197,7 @@ def run(args: argparse.Namespace, make_task: Callable[[argparse.Namespace, Model
             logger.validation(iteration, evaluate(model, valid_iter, num_batches=args.eval_iters, **step_kwargs))
         if exit_signal.any_rank():
             save(iteration)
-            _print(f"exiting on signal after iteration {iteration}")
+            print_rank_0(f"exiting on signal after iteration {iteration}")
             break
         if iteration % args.save_interval == 0 or iteration == args.train_iters:
             save(iteration)
@@ -209,7 +209,7 @@ def _plain(d: dict) -> dict:
     return {k: v for k, v in d.items() if isinstance(v, (str, int, float, bool, list, type(None)))}
 
 
-def _print(msg: str) -> None:
+def print_rank_0(msg: str) -> None:
     if dist.get_rank() == 0:
         print(f"[megatron_cslm] {msg}", flush=True)
 
