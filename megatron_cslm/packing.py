@@ -209,7 +209,7 @@ def pack_dataset(src_prefix: str, out_prefix: str, seq_length: int, overlong: st
         tok_out.finalize(str(ti))
         mod_out.finalize(str(mi))
     per_bin = [len(b) for b in plan.bins]
-    kept = np.array([int(plan.keep[i]) - 1 for b in plan.bins for i in b], dtype=np.int64)
+    kept = plan.keep[plan.keep > 0] - 1  # positions of every packed sample (dropped ones keep 0 tokens)
     positions = int(kept.sum())
     capacity = len(plan.bins) * seq_length
     longest = int(tokens.sequence_lengths.max(initial=1)) - 1
