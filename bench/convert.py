@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from megatron_cslm.convert.layout import hf_tensor_specs  # noqa: E402
 from megatron_cslm.convert.safetensors_io import HFCheckpoint, ShardedSafetensorsWriter  # noqa: E402
-from megatron_cslm.model import ARCHS, LlamaArch  # noqa: E402
+from megatron_cslm.models.llama import ARCHS, LlamaArch  # noqa: E402
 
 GiB = 2**30
 POOL = 2**27  # random bf16 values reused at random offsets (256 MB)

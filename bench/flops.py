@@ -2,15 +2,15 @@
 
     python bench/flops.py [--tokens-per-s-per-gpu 3000] [--seq-length 1024 4096]
 
-Same formula as the training log (megatron_cslm.flops). Prints the speech-vocabulary overhead as a ratio
+Same formula as the training log (megatron_cslm.models.flops). Prints the speech-vocabulary overhead as a ratio
 against the text-only Llama-3.1-8B computed in the same process.
 """
 from __future__ import annotations
 
 import argparse
 
-from megatron_cslm.flops import PEAK_TFLOPS, forward_flops_per_token, mfu, train_flops_per_token
-from megatron_cslm.model import ARCHS, padded_vocab_size
+from megatron_cslm.models.flops import PEAK_TFLOPS, forward_flops_per_token, mfu, train_flops_per_token
+from megatron_cslm.models.llama import ARCHS, padded_vocab_size
 
 BASE_VOCAB, UNITS, SPECIALS = 128256, 4096, 4
 

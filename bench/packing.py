@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_cslm.packing import best_fit_decreasing, packing_bound, whole_sample_seq_length  # noqa: E402
+from megatron_cslm.data.packing import best_fit_decreasing, packing_bound, whole_sample_seq_length  # noqa: E402
 
 TEMPLATE_TOKENS = 30  # BOS, role headers, instruction, <|eot_id|> x2, [question], [answer]
 TOKENS_PER_WORD = 1.3  # Llama-3 BPE on English

@@ -1,6 +1,6 @@
 """Throughput of tools/preprocess_data.py on a speech-heavy bilingual corpus, against two baselines in-process.
 
-  tool            megatron_cslm.indexed_data.preprocess: units by arithmetic, N worker processes.
+  tool            megatron_cslm.data.indexed.preprocess: units by arithmetic, N worker processes.
   units-as-text   the CSLM authors' route: units written as "<sosp><12><345>...<eosp>" text and tokenized by the
                   HF fast tokenizer holding "<0>".."<4095>" as added tokens; same pipeline, shards and N workers,
                   so only the tokenization differs.
@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_cslm.indexed_data import preprocess
-from megatron_cslm.tokenizer import SpeechTextTokenizer
+from megatron_cslm.data.indexed import preprocess
+from megatron_cslm.text.tokenizer import SpeechTextTokenizer
 
 EN_WORDS = ("the a of to and in is it you that he was for on are with as I his they be at one have this from or had "
             "by word but what some we can out other were all there when up use your how said an each she which do "

@@ -18,7 +18,7 @@ from megatron_cslm.training.loop import ModelSource, Task, main
 
 
 def make_task(args: argparse.Namespace, source: ModelSource, padded_vocab: int) -> Task:
-    from megatron_cslm.tokenizer import SpeechTextTokenizer
+    from megatron_cslm.text.tokenizer import SpeechTextTokenizer
 
     blend = parse_data_path(args.data_path)
     if dist.get_rank() == 0:  # one scan, on one rank; errors stop the job before any index is built

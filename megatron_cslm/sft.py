@@ -13,8 +13,8 @@ import argparse
 import numpy as np
 import torch
 
-from megatron_cslm.model import default_spec_name
-from megatron_cslm.packing import MODALITIES, PackedSFTDataset, block_causal_mask
+from megatron_cslm.models.llama import default_spec_name
+from megatron_cslm.data.packing import MODALITIES, PackedSFTDataset, block_causal_mask
 from megatron_cslm.training.arguments import build_parser
 from megatron_cslm.training.data import check_indexed_dataset, micro_batch_stream, parse_data_path
 from megatron_cslm.training.loop import ModelSource, Task, main, print_rank_0

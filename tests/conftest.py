@@ -22,7 +22,7 @@ def llama3_tokenizer_path() -> Path:
 @pytest.fixture(scope="session")
 def speech_tokenizer(llama3_tokenizer_path):
     """SpeechTextTokenizer over Llama-3 with the default 4,096 units (loading takes ~0.3 s, so share it)."""
-    from megatron_cslm.tokenizer import SpeechTextTokenizer
+    from megatron_cslm.text.tokenizer import SpeechTextTokenizer
 
     return SpeechTextTokenizer(llama3_tokenizer_path)
 

@@ -96,7 +96,7 @@ def results(work) -> dict:
 
 def test_qkv_layout_is_megatron_per_group_order():
     from megatron_cslm.convert.layout import fuse_qkv, split_qkv
-    from megatron_cslm.model import ARCHS
+    from megatron_cslm.models.llama import ARCHS
 
     arch = ARCHS["tiny"]  # 4 heads, 2 KV groups, head dim 16
     d, h = arch.head_dim, arch.hidden_size
@@ -181,7 +181,7 @@ def test_vocab_expansion(work, results, speech_tokenizer):
 
     from megatron_cslm.convert.dist_ckpt import DistCheckpointReader
     from megatron_cslm.convert.layout import EMBEDDING, OUTPUT
-    from megatron_cslm.manifest import ModelManifest
+    from megatron_cslm.checkpoint.manifest import ModelManifest
 
     base, vocab = speech_tokenizer.base_vocab_size, speech_tokenizer.vocab_size
     manifest = ModelManifest.load(work / "expanded")
@@ -324,11 +324,11 @@ def _worker(work: Path) -> None:
     from megatron.core import dist_checkpointing, parallel_state
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
-    from megatron_cslm import parallel
-    from megatron_cslm.manifest import MANIFEST, ModelManifest
+    from megatron_cslm.distributed import parallel
+    from megatron_cslm.checkpoint.manifest import MANIFEST, ModelManifest
     from megatron_cslm.convert.verify import verify
-    from megatron_cslm.model import PrecisionConfig, transformer_config
-    from megatron_cslm.training.checkpoint import load_checkpoint, save_checkpoint
+    from megatron_cslm.models.llama import PrecisionConfig, transformer_config
+    from megatron_cslm.checkpoint.save_load import load_checkpoint, save_checkpoint
     from megatron_cslm.training.setup import build_model
 
     manifest = ModelManifest.load(work / "plain")

@@ -12,7 +12,7 @@ from megatron_cslm.inference.inputs import Question
 from megatron_cslm.inference.latency import measure
 from megatron_cslm.inference.metrics import error_rates, script_language
 from megatron_cslm.inference.parse import parse_response
-from megatron_cslm.sft_data import SFTConfig, SFTEncoder, parse_record
+from megatron_cslm.data.sft import SFTConfig, SFTEncoder, parse_record
 from test_inference import (ANSWERS, BELLE, QUESTIONS, answer_units, belle_manifest, chunk_units, load_tool,
                             needs_belle, tiny_models)
 

@@ -1,6 +1,6 @@
 """The FLOPs formula (training log MFU and bench/flops.py) agrees with the real model's matmul parameters."""
-from megatron_cslm.flops import forward_flops_per_token, mfu, train_flops_per_token
-from megatron_cslm.model import ARCHS
+from megatron_cslm.models.flops import forward_flops_per_token, mfu, train_flops_per_token
+from megatron_cslm.models.llama import ARCHS
 
 
 def test_forward_flops_are_two_per_matmul_weight_plus_attention():

@@ -25,7 +25,7 @@ from megatron_cslm.fileio import DataError
 from megatron_cslm.inference import SamplingConfig, SpeechLM
 from megatron_cslm.inference.sampling import ModalityConstraint
 from megatron_cslm.inference.vocab import Vocab
-from megatron_cslm.sft_data import SFTConfig, SFTEncoder, parse_record
+from megatron_cslm.data.sft import SFTConfig, SFTEncoder, parse_record
 from tests.distributed import BELLE_DIR as BELLE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,7 +62,7 @@ def question_units() -> dict[str, list[int]]:
     """S3 units of the three wavs, through the same library calls the tools use (random-init weights)."""
     from megatron_cslm.inference.inputs import Question
     from megatron_cslm.inference.runner import tokenize_audio
-    from megatron_cslm.speech_units import UnitExtractor
+    from megatron_cslm.speech.units import UnitExtractor
 
     questions = [Question(k, k, audio=BELLE / "wav" / f"{k}.wav") for k in QUESTIONS]
     tokenize_audio(questions, UnitExtractor(random_init=True), progress=False)
@@ -85,7 +85,7 @@ def train_tiny(tok, records: list[dict], layout: str, out: Path, steps: int = 30
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from megatron_cslm.model import ARCHS
+    from megatron_cslm.models.llama import ARCHS
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**ARCHS["tiny"].with_vocab(tok.vocab_size).to_hf_config()))

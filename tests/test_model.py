@@ -3,7 +3,7 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from megatron_cslm.model import ARCHS, LlamaArch, llama3_inv_freq
+from megatron_cslm.models.llama import ARCHS, LlamaArch, llama3_inv_freq
 
 META_LLAMA31_8B = {  # Meta's config.json for Llama-3.1-8B-Instruct, as users have it
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_cslm.packing import (MODALITIES, PackedSFTDataset, _FirstFit, best_fit_decreasing,
+from megatron_cslm.data.packing import (MODALITIES, PackedSFTDataset, _FirstFit, best_fit_decreasing,
                                    block_causal_mask, modality_prefix, packed_seq_params, packing_bound,
                                    plan_packing, whole_sample_seq_length)
-from megatron_cslm.sft_data import SFTConfig, SFTEncoder, build_sft_data, parse_record
+from megatron_cslm.data.sft import SFTConfig, SFTEncoder, build_sft_data, parse_record
 
 WORDS = "the a city river tower museum bridge park night light old new famous long walk".split()
 
@@ -213,8 +213,9 @@ def test_packed_seq_params_flattens_batches_to_thd():
 
 _FORWARD_WORKER = '''
 import json, sys, dataclasses, torch
-from megatron_cslm import model as M, parallel
-from megatron_cslm.packing import PackedSFTDataset, block_causal_mask
+from megatron_cslm.models import llama as M
+from megatron_cslm.distributed import parallel
+from megatron_cslm.data.packing import PackedSFTDataset, block_causal_mask
 parallel.initialize(parallel.ParallelConfig(), device="cpu")
 arch = dataclasses.replace(M.ARCHS["tiny"], vocab_size=int(sys.argv[3]))
 cfg = M.transformer_config(arch, spec="local", precision=M.PrecisionConfig(dtype="fp32"))

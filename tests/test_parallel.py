@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from megatron_cslm.model import ARCHS, PrecisionConfig, RecomputeConfig, check_parallel_fit, transformer_config
-from megatron_cslm.parallel import ParallelConfig
+from megatron_cslm.models.llama import ARCHS, PrecisionConfig, RecomputeConfig, check_parallel_fit, transformer_config
+from megatron_cslm.distributed.parallel import ParallelConfig
 from tests.distributed import torchrun
 
 
@@ -53,7 +53,7 @@ def test_fp8_settings_reach_transformer_config():
 
 
 def test_cpu_mode_refused_with_cuda():
-    from megatron_cslm import cpu_mode
+    from megatron_cslm.distributed import cpu_mode
     with pytest.raises(RuntimeError, match="CUDA is available"):
         cpu_mode.refuse_if_cuda(True)
     cpu_mode.refuse_if_cuda(False)
@@ -62,7 +62,7 @@ def test_cpu_mode_refused_with_cuda():
 def test_cpu_mode_is_never_implicit():
     import torch
 
-    from megatron_cslm.parallel import resolve_device
+    from megatron_cslm.distributed.parallel import resolve_device
     if torch.cuda.is_available():
         pytest.skip("this check is about machines without CUDA")
     with pytest.raises(ValueError, match="pass --device cpu"):

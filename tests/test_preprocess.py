@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from megatron_cslm.fileio import DataError
-from megatron_cslm import indexed_data
-from megatron_cslm.indexed_data import encode_document, iter_shard_lines, parse_line, plan_shards, preprocess
-from megatron_cslm.tokenizer import SpeechTextTokenizer
+from megatron_cslm.data import indexed as indexed_data
+from megatron_cslm.data.indexed import encode_document, iter_shard_lines, parse_line, plan_shards, preprocess
+from megatron_cslm.text.tokenizer import SpeechTextTokenizer
 
 
 

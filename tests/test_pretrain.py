@@ -116,7 +116,7 @@ def test_sigterm_saves_a_checkpoint_before_exit(toy_pretrain, tmp_path):
 
 
 def test_resume_never_picks_a_save_that_was_cut_short(tmp_path):
-    from megatron_cslm.training.checkpoint import latest_iteration
+    from megatron_cslm.checkpoint.save_load import latest_iteration
 
     (tmp_path / "iter_0000020").mkdir()
     (tmp_path / "iter_0000020" / "metadata.json").write_text("{}")

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from megatron_cslm.chunking import split_pieces
+from megatron_cslm.data.chunking import split_pieces
 from megatron_cslm.fileio import DataError, iter_jsonl
-from megatron_cslm.recipes import (DEFAULT_TEMPLATES, RECIPES, RecipeConfig, Templates, build_pretrain_data,
+from megatron_cslm.data.documents import (DEFAULT_TEMPLATES, RECIPES, RecipeConfig, Templates, build_pretrain_data,
                                    check_template, interleave_document, parse_conversation, parse_speech,
                                    replay_document)
-from megatron_cslm.recipes.interleave import interleave_chunks
-from megatron_cslm.toy_corpus import make_toy_corpus
+from megatron_cslm.data.documents.interleave import interleave_chunks
+from megatron_cslm.toy.corpus import make_toy_corpus
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -238,7 +238,7 @@ def test_cross_lingual_speech(toy, built, tmp_path):
 def test_replay_chat_template_and_mask(speech_tokenizer, tmp_path):
     import jinja2
 
-    from megatron_cslm.tokenizer import LLAMA31_CHAT_TEMPLATE
+    from megatron_cslm.text.tokenizer import LLAMA31_CHAT_TEMPLATE
 
     records = [
         {"prompt": "What is two plus two?", "response": "Four."},

@@ -10,10 +10,10 @@ import random
 import numpy as np
 import pytest
 
-from megatron_cslm.chunking import Chunk, chunk_answer, chunk_text, dedup_units, split_pieces
+from megatron_cslm.data.chunking import Chunk, chunk_answer, chunk_text, dedup_units, split_pieces
 from megatron_cslm.fileio import DataError
-from megatron_cslm.packing import MODALITIES, whole_sample_seq_length
-from megatron_cslm.sft_data import INSTRUCTIONS, FieldError, SFTConfig, SFTEncoder, build_sft_data, parse_record
+from megatron_cslm.data.packing import MODALITIES, whole_sample_seq_length
+from megatron_cslm.data.sft import INSTRUCTIONS, FieldError, SFTConfig, SFTEncoder, build_sft_data, parse_record
 
 TQ, TA, SA = MODALITIES["tq"], MODALITIES["ta"], MODALITIES["sa"]
 

@@ -16,8 +16,8 @@ import soundfile as sf
 import torch
 
 from megatron_cslm.fileio import DataError
-from megatron_cslm.chunking import unit_runs
-from megatron_cslm.speech_units import (REJECT_REASONS, AudioLimits, AudioRejected, UnitExtractor,
+from megatron_cslm.data.chunking import unit_runs
+from megatron_cslm.speech.units import (REJECT_REASONS, AudioLimits, AudioRejected, UnitExtractor,
                                         load_s3_state_dict, read_audio, read_manifest, to_16k, tokenize_manifest)
 from tests.distributed import BELLE_DIR as BELLE
 

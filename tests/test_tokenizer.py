@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from megatron_cslm.tokenizer import Segment, SegmentError, SpecialTokens, SpeechTextTokenizer
+from megatron_cslm.text.tokenizer import Segment, SegmentError, SpecialTokens, SpeechTextTokenizer
 
 from conftest import EN, ZH
 

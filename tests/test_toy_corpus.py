@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from megatron_cslm.chunking import dedup_units, split_pieces
-from megatron_cslm.recipes import guess_lang
-from megatron_cslm.toy_corpus import (ASSISTANT_SPEAKER, PAUSE_MARKS, SILENCE_UNIT, TOY_UNIT_RANGE, ToySpeech,
+from megatron_cslm.data.chunking import dedup_units, split_pieces
+from megatron_cslm.data.documents import guess_lang
+from megatron_cslm.toy.corpus import (ASSISTANT_SPEAKER, PAUSE_MARKS, SILENCE_UNIT, TOY_UNIT_RANGE, ToySpeech,
                                       bare_word, make_toy_corpus, parallel_sentences, qa_pairs)
 
 FILES = ("manifest.jsonl", "parallel.jsonl", "instruct.jsonl", "dialogue_sft.jsonl", "info.json")

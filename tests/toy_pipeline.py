@@ -7,11 +7,11 @@ TOY_UNITS = 512  # the toy speech uses units [0, 512); a small unit block keeps 
 
 
 def build_toy_pretrain(out: Path) -> dict:
-    from megatron_cslm.indexed_data import preprocess
-    from megatron_cslm.recipes.pretrain_data import RecipeConfig, build_pretrain_data
-    from megatron_cslm.tokenizer import SpeechTextTokenizer
-    from megatron_cslm.toy_corpus import make_toy_corpus
-    from megatron_cslm.toy_tokenizer import toy_texts, train_toy_text_tokenizer
+    from megatron_cslm.data.indexed import preprocess
+    from megatron_cslm.data.documents.build import RecipeConfig, build_pretrain_data
+    from megatron_cslm.text.tokenizer import SpeechTextTokenizer
+    from megatron_cslm.toy.corpus import make_toy_corpus
+    from megatron_cslm.toy.tokenizer import toy_texts, train_toy_text_tokenizer
 
     corpus = out / "corpus"
     make_toy_corpus(corpus, num_units=TOY_UNITS, seed=0, speakers=4)
@@ -32,8 +32,8 @@ def build_toy_pretrain(out: Path) -> dict:
 
 def build_toy_sft(toy: dict, seq_length: int = 512) -> str:
     """Pack the toy spoken dialogues (interleaved chain of modality) with the toy tokenizer; returns the prefix."""
-    from megatron_cslm.sft_data import SFTConfig, build_sft_data
-    from megatron_cslm.tokenizer import SpeechTextTokenizer
+    from megatron_cslm.data.sft import SFTConfig, build_sft_data
+    from megatron_cslm.text.tokenizer import SpeechTextTokenizer
 
     prefix = str(toy["root"] / "sft" / "interleaved")
     build_sft_data([toy["corpus"] / "dialogue_sft.jsonl"], SpeechTextTokenizer.from_pretrained(toy["tokenizer"]),

@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from megatron_cslm.fileio import DataError
-from megatron_cslm.recipes import RECIPES, RecipeConfig, Templates, build_pretrain_data
+from megatron_cslm.data.documents import RECIPES, RecipeConfig, Templates, build_pretrain_data
 
 
 def _chunk_words(value: str) -> tuple[int, int]:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Build packed SFT data: chain-of-modality JSONL -> `<prefix>.bin/.idx`, `<prefix>_modality.bin/.idx`,
 `<prefix>.stats.json`. See megatron_cslm/sft_data.py (input forms, layouts) and megatron_cslm/packing.py
-(storage, masks). Training mmaps the result with `megatron_cslm.packing.PackedSFTDataset`.
+(storage, masks). Training mmaps the result with `megatron_cslm.data.packing.PackedSFTDataset`.
 
 Example:
     tools/build_sft_data.py --input sft.jsonl --tokenizer-model ckpt/tokenizer --output-prefix data/sft \\
@@ -17,9 +17,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_cslm.fileio import DataError  # noqa: E402
-from megatron_cslm.packing import OVERLONG  # noqa: E402
-from megatron_cslm.sft_data import INSTRUCTIONS, LAYOUTS, SFTConfig, build_sft_data  # noqa: E402
-from megatron_cslm.tokenizer import SpeechTextTokenizer  # noqa: E402
+from megatron_cslm.data.packing import OVERLONG  # noqa: E402
+from megatron_cslm.data.sft import INSTRUCTIONS, LAYOUTS, SFTConfig, build_sft_data  # noqa: E402
+from megatron_cslm.text.tokenizer import SpeechTextTokenizer  # noqa: E402
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:

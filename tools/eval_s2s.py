@@ -26,7 +26,7 @@ from megatron_cslm.inference.evaluate import AsrCommand, render_markdown, run_be
 from megatron_cslm.inference.inputs import read_manifest
 from megatron_cslm.inference.outputs import RESPONSES
 from megatron_cslm.inference.runner import DecodeOptions, tokenize_audio
-from megatron_cslm.tokenizer import SpeechTextTokenizer
+from megatron_cslm.text.tokenizer import SpeechTextTokenizer
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -7,7 +7,7 @@ Example:
 import argparse
 import sys
 
-from megatron_cslm.toy_corpus import TOY_UNIT_RANGE, make_toy_corpus
+from megatron_cslm.toy.corpus import TOY_UNIT_RANGE, make_toy_corpus
 
 
 def get_args(argv=None) -> argparse.Namespace:

@@ -10,8 +10,8 @@ can afford the softmax. Real runs use Meta's tokenizer directory instead.
 import argparse
 import tempfile
 
-from megatron_cslm.tokenizer import SpeechTextTokenizer
-from megatron_cslm.toy_tokenizer import toy_texts, train_toy_text_tokenizer
+from megatron_cslm.text.tokenizer import SpeechTextTokenizer
+from megatron_cslm.toy.tokenizer import toy_texts, train_toy_text_tokenizer
 
 
 def main() -> None:

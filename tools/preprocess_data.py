@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from megatron_cslm.indexed_data import preprocess
-from megatron_cslm.tokenizer import SpeechTextTokenizer
+from megatron_cslm.data.indexed import preprocess
+from megatron_cslm.text.tokenizer import SpeechTextTokenizer
 from megatron_cslm.cli import tool_parser
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from megatron_cslm.speech_units import UNITS_PER_SECOND, AudioLimits, UnitExtractor, tokenize_manifest
+from megatron_cslm.speech.units import UNITS_PER_SECOND, AudioLimits, UnitExtractor, tokenize_manifest
 from megatron_cslm.cli import tool_parser
 
 

@@ -21,13 +21,13 @@ from tqdm import tqdm
 from megatron_cslm.convert.dist_ckpt import DistCheckpointWriter
 from megatron_cslm.convert.layout import (EMBEDDING, EXTRA_STATE_MODULES, FINAL_NORM, OUTPUT, extra_state_key,
                                           hf_layer_names, hf_layer_to_megatron, hf_tensor_specs)
-from megatron_cslm.manifest import ModelManifest
+from megatron_cslm.checkpoint.manifest import ModelManifest
 from megatron_cslm.convert.safetensors_io import HFCheckpoint
 from megatron_cslm.convert.vocab import tail_rows
 from megatron_cslm.fileio import DataError, atomic_open
-from megatron_cslm.model import LlamaArch, check_parallel_fit, padded_vocab_size
-from megatron_cslm.tokenizer import META_FILE, SpeechTextTokenizer
-from megatron_cslm.training.checkpoint import TRACKER, iteration_dir
+from megatron_cslm.models.llama import LlamaArch, check_parallel_fit, padded_vocab_size
+from megatron_cslm.text.tokenizer import META_FILE, SpeechTextTokenizer
+from megatron_cslm.checkpoint.save_load import TRACKER, iteration_dir
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", META_FILE)
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_cslm.model import LlamaArch
+from megatron_cslm.models.llama import LlamaArch
 
 EMBEDDING = "embedding.word_embeddings.weight"
 OUTPUT = "output_layer.weight"

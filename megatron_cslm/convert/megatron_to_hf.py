@@ -18,11 +18,11 @@ from megatron_cslm.convert.dist_ckpt import DistCheckpointReader
 from megatron_cslm.convert.hf_to_megatron import TOKENIZER_FILES
 from megatron_cslm.convert.layout import (EMBEDDING, FINAL_NORM, LAYER_KEYS, OUTPUT, hf_layer_names,
                                           hf_tensor_specs, megatron_layer_shapes, megatron_layer_to_hf)
-from megatron_cslm.manifest import ModelManifest, resolve_checkpoint
+from megatron_cslm.checkpoint.manifest import ModelManifest, resolve_checkpoint
 from megatron_cslm.convert.safetensors_io import INDEX_FILE, ShardedSafetensorsWriter
 from megatron_cslm.fileio import DataError, write_json
-from megatron_cslm.model import LlamaArch
-from megatron_cslm.training.checkpoint import iteration_dir
+from megatron_cslm.models.llama import LlamaArch
+from megatron_cslm.checkpoint.save_load import iteration_dir
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 TURN_END = "<|eot_id|>"

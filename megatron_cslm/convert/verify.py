@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-from megatron_cslm.manifest import ModelManifest, resolve_checkpoint
+from megatron_cslm.checkpoint.manifest import ModelManifest, resolve_checkpoint
 
 DEFAULT_PROMPTS = (
     "The capital of France is",
@@ -83,8 +83,8 @@ def megatron_logits(run_dir: Path, iteration: int, manifest: ModelManifest,
     """float32 logits [tokens, padded vocab] on the last pipeline stage (None elsewhere). Collective."""
     from megatron.core import parallel_state
 
-    from megatron_cslm.model import PrecisionConfig, transformer_config
-    from megatron_cslm.training.checkpoint import load_checkpoint
+    from megatron_cslm.models.llama import PrecisionConfig, transformer_config
+    from megatron_cslm.checkpoint.save_load import load_checkpoint
     from megatron_cslm.training.setup import build_model
     from megatron_cslm.training.step import forward_logits
 
@@ -143,7 +143,7 @@ def _free_port() -> int:
 def run_verify(hf_dir: str | Path, megatron_dir: str | Path, prompts: Sequence[str] = DEFAULT_PROMPTS,
                atol: float = DEFAULT_ATOL, device: str = "auto") -> VerifyResult:
     """`verify` in this process alone (TP=PP=1); needs memory for both models in float32."""
-    from megatron_cslm import parallel
+    from megatron_cslm.distributed import parallel
 
     if "WORLD_SIZE" not in os.environ:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))

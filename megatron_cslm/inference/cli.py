@@ -7,12 +7,12 @@ import torch
 
 from megatron_cslm.inference.durations import load_duration_table
 from megatron_cslm.inference.generate import SpeechLM
-from megatron_cslm.sft_data import INSTRUCTIONS
+from megatron_cslm.data.sft import INSTRUCTIONS
 
 LANGUAGES = tuple(INSTRUCTIONS)
 from megatron_cslm.inference.sampling import SamplingConfig
-from megatron_cslm.sft_data import SFTConfig, SFTEncoder
-from megatron_cslm.speech_units import UNITS_PER_SECOND
+from megatron_cslm.data.sft import SFTConfig, SFTEncoder
+from megatron_cslm.speech.units import UNITS_PER_SECOND
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -79,7 +79,7 @@ def load_model(path: str, args: argparse.Namespace) -> tuple[SpeechLM, SFTEncode
 
 def unit_extractor(args: argparse.Namespace, device: torch.device):
     """The S3 tokenizer for audio questions; demands weights or an explicit --random-init."""
-    from megatron_cslm.speech_units import UnitExtractor
+    from megatron_cslm.speech.units import UnitExtractor
 
     if not args.tokenizer_weights and not args.random_init:
         raise SystemExit("audio input needs --tokenizer-weights (the S3 tokenizer's weights) or --random-init")

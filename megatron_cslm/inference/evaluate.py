@@ -22,7 +22,7 @@ from megatron_cslm.inference.latency import summarize
 from megatron_cslm.inference.metrics import error_rates, script_language
 from megatron_cslm.inference.outputs import speech_units
 from megatron_cslm.inference.runner import DecodeOptions, decode_to_dir
-from megatron_cslm.sft_data import SFTEncoder
+from megatron_cslm.data.sft import SFTEncoder
 
 
 class AsrCommand:

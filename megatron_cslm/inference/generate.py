@@ -17,7 +17,7 @@ from megatron_cslm.inference.latency import Latency, measure
 from megatron_cslm.inference.parse import Chunk, ParsedResponse, ResponseParser
 from megatron_cslm.inference.sampling import ModalityConstraint, SamplingConfig, sample
 from megatron_cslm.inference.vocab import Vocab
-from megatron_cslm.tokenizer import SpeechTextTokenizer
+from megatron_cslm.text.tokenizer import SpeechTextTokenizer
 
 
 @dataclass

@@ -19,7 +19,7 @@ from megatron_cslm.fileio import DataError, atomic_open, write_json
 from megatron_cslm.inference.durations import expand_units
 from megatron_cslm.inference.generate import Response
 from megatron_cslm.inference.inputs import Question
-from megatron_cslm.tokenizer import SpeechTextTokenizer
+from megatron_cslm.text.tokenizer import SpeechTextTokenizer
 
 RESPONSES, RECORDS, UNITS = "responses.json", "decode.jsonl", "speech_units.txt"
 

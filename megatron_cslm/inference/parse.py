@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
 from megatron_cslm.inference.vocab import Vocab
-from megatron_cslm.tokenizer import SpeechTextTokenizer
+from megatron_cslm.text.tokenizer import SpeechTextTokenizer
 
 ChunkKind = Literal["tq", "ta", "sa"]
 

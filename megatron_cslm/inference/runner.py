@@ -18,7 +18,7 @@ from megatron_cslm.inference.inputs import Question
 from megatron_cslm.inference.outputs import append_outputs, make_record
 from megatron_cslm.inference.parse import Chunk
 from megatron_cslm.inference.sampling import SamplingConfig
-from megatron_cslm.sft_data import SFTEncoder
+from megatron_cslm.data.sft import SFTEncoder
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class DecodeOptions:
 
 def tokenize_audio(questions: Sequence[Question], extractor, batch_items: int = 16, progress: bool = True) -> None:
     """Fill `units` of questions given as audio, with a `speech_units.UnitExtractor`."""
-    from megatron_cslm.speech_units import AudioRejected, read_audio, to_16k
+    from megatron_cslm.speech.units import AudioRejected, read_audio, to_16k
 
     todo = [q for q in questions if q.units is None]
     for start in tqdm(range(0, len(todo), batch_items), desc="audio -> units", unit="batch", disable=not progress):

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_cslm.tokenizer import SpeechTextTokenizer
+from megatron_cslm.text.tokenizer import SpeechTextTokenizer
 
 _TURN_END = "<|eot_id|>"
 

@@ -45,7 +45,7 @@ def get_batch(data_iterator: Iterator | None) -> dict:
     device = _device()
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     if "cu_seqlens" in batch:
-        from megatron_cslm.packing import packed_seq_params
+        from megatron_cslm.data.packing import packed_seq_params
 
         batch["packed_seq_params"] = packed_seq_params(batch.pop("cu_seqlens"))
     return batch

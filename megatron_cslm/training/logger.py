@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from megatron_cslm.flops import mfu
+from megatron_cslm.models.flops import mfu
 
 
 class TrainingLogger:

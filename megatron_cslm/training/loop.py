@@ -17,11 +17,11 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from megatron_cslm import parallel
-from megatron_cslm.flops import train_flops_per_token
-from megatron_cslm.manifest import ModelManifest
-from megatron_cslm.model import ARCHS, LlamaArch, PrecisionConfig, RecomputeConfig, padded_vocab_size, transformer_config
-from megatron_cslm.training.checkpoint import latest_iteration, load_checkpoint, save_checkpoint
+from megatron_cslm.distributed import parallel
+from megatron_cslm.models.flops import train_flops_per_token
+from megatron_cslm.checkpoint.manifest import ModelManifest
+from megatron_cslm.models.llama import ARCHS, LlamaArch, PrecisionConfig, RecomputeConfig, padded_vocab_size, transformer_config
+from megatron_cslm.checkpoint.save_load import latest_iteration, load_checkpoint, save_checkpoint
 from megatron_cslm.training.logger import TrainingLogger
 from megatron_cslm.training.setup import OptimConfig, build_model, build_optimizer
 from megatron_cslm.training.step import evaluate, train_step
@@ -53,7 +53,7 @@ class TrainingStopped(RuntimeError):
 def resolve_model(args: argparse.Namespace, resume_at: int | None) -> ModelSource:
     """Architecture from the checkpoint we resume (`resume_at` in --save) or start from (its cslm_model.json),
     or a named arch resized to the tokenizer's vocabulary."""
-    from megatron_cslm.tokenizer import SpeechTextTokenizer
+    from megatron_cslm.text.tokenizer import SpeechTextTokenizer
 
     start = args.save if resume_at is not None else args.load_init  # a resumed run keeps its saved architecture
     if start:

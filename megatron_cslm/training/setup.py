@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_cslm.model import LlamaArch, build_gpt_model
+from megatron_cslm.models.llama import LlamaArch, build_gpt_model
 
 
 @dataclass(frozen=True)

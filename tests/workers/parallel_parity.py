@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_cslm import parallel
-from megatron_cslm.model import ARCHS, PrecisionConfig, padded_vocab_size, transformer_config
-from megatron_cslm.training.checkpoint import load_checkpoint, save_checkpoint
+from megatron_cslm.distributed import parallel
+from megatron_cslm.models.llama import ARCHS, PrecisionConfig, padded_vocab_size, transformer_config
+from megatron_cslm.checkpoint.save_load import load_checkpoint, save_checkpoint
 from megatron_cslm.training.setup import OptimConfig, build_model, build_optimizer
 from megatron_cslm.training.step import forward_logits, train_step
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_cslm import cpu_mode
+from megatron_cslm.distributed import cpu_mode
 
 
 @dataclass(frozen=True)

@@ -31,10 +31,10 @@ from typing import Callable, Iterable
 from tqdm import tqdm
 
 from megatron_cslm.fileio import DataError, SkipCounter, atomic_open, iter_jsonl, write_json
-from megatron_cslm.recipes.interleave import interleave_chunks, interleave_segments
-from megatron_cslm.recipes.records import (Conversation, ParallelRecord, SpeechRecord, parse_conversation,
+from megatron_cslm.data.documents.interleave import interleave_chunks, interleave_segments
+from megatron_cslm.data.documents.records import (Conversation, ParallelRecord, SpeechRecord, parse_conversation,
                                            parse_parallel, parse_speech)
-from megatron_cslm.recipes.templates import Templates, render
+from megatron_cslm.data.documents.templates import Templates, render
 
 # recipe -> the input kind it reads
 RECIPES: dict[str, str] = {"asr": "speech", "tts": "speech", "interleave": "speech",

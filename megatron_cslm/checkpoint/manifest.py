@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_cslm.fileio import DataError, write_json
-from megatron_cslm.model import LlamaArch
-from megatron_cslm.training.checkpoint import TRACKER, latest_iteration
+from megatron_cslm.models.llama import LlamaArch
+from megatron_cslm.checkpoint.save_load import TRACKER, latest_iteration
 
 MANIFEST = "cslm_model.json"
 

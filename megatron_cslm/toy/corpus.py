@@ -13,7 +13,7 @@ answer pairs in both languages) were written for this project. `make_toy_corpus`
 ``manifest.jsonl``: ASR/TTS manifest, one line per (sentence, language, speaker), the same fields as
     ``tools/tokenize_speech.py`` writes: ``{"id", "text", "lang", "speaker", "units": [int],
     "words": [{"word", "start", "end"}]}``. Word timestamps are unit indices, ``end`` exclusive; a word is a
-    space-separated word, or one character for Chinese (`megatron_cslm.chunking.split_pieces`), its string
+    space-separated word, or one character for Chinese (`megatron_cslm.data.chunking.split_pieces`), its string
     without punctuation. The words tile the utterance: word i+1 starts where word i ends, the first starts
     at 0 and the last ends at ``len(units)`` (a pause belongs to the word before it).
 ``parallel.jsonl``: ``{"id", "en", "zh", "en_units", "zh_units"}``, each side spoken by one speaker.
@@ -42,10 +42,10 @@ import unicodedata
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from megatron_cslm.chunking import split_pieces
+from megatron_cslm.data.chunking import split_pieces
 from megatron_cslm.fileio import atomic_open, write_json
 
-TOY_DIR = Path(__file__).parent / "toy"
+TOY_DIR = Path(__file__).parent
 SILENCE_UNIT = 0
 # Toy speech uses units [0, TOY_UNIT_RANGE) only, so a tiny model sees each unit often even with the real
 # 4,096-unit vocabulary; unit 0 is silence.

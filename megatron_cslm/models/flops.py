@@ -6,7 +6,7 @@ training step costs 3x the forward pass (backward = 2x), 4x with full activation
 """
 from __future__ import annotations
 
-from megatron_cslm.model import LlamaArch
+from megatron_cslm.models.llama import LlamaArch
 
 PEAK_TFLOPS = {"h100-bf16": 989.0, "h200-bf16": 989.0, "a100-bf16": 312.0, "h100-fp8": 1979.0}
 

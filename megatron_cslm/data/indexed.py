@@ -30,7 +30,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from megatron_cslm.fileio import DataError, SkipCounter, write_json
-from megatron_cslm.tokenizer import SegmentError, SpeechTextTokenizer
+from megatron_cslm.text.tokenizer import SegmentError, SpeechTextTokenizer
 
 LOSS_MASK_SUFFIX = "_lossmask"
 # A units array as json.dumps writes it, "[12, 345]" or "[12,345]" (possessive quantifiers: no backtracking;

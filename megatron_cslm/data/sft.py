@@ -34,10 +34,10 @@ import torch
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 from tqdm import tqdm
 
-from megatron_cslm.chunking import Chunk, chunk_answer, dedup_units, rechunk, word_count
+from megatron_cslm.data.chunking import Chunk, chunk_answer, dedup_units, rechunk, word_count
 from megatron_cslm.fileio import DataError, SkipCounter, iter_jsonl, write_json
-from megatron_cslm.packing import MODALITIES, modality_prefix, pack_dataset, token_dtype
-from megatron_cslm.tokenizer import SpecialTokens, SpeechTextTokenizer
+from megatron_cslm.data.packing import MODALITIES, modality_prefix, pack_dataset, token_dtype
+from megatron_cslm.text.tokenizer import SpecialTokens, SpeechTextTokenizer
 
 LAYOUTS = ("interleaved", "sequential", "text")
 

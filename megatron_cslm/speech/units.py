@@ -21,7 +21,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from megatron_cslm.chunking import unit_runs
+from megatron_cslm.data.chunking import unit_runs
 from megatron_cslm.fileio import DataError, SkipCounter, atomic_open, iter_jsonl, require, write_json
 
 SAMPLE_RATE = 16000

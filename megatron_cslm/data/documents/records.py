@@ -16,7 +16,7 @@ import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from megatron_cslm.chunking import check_words
+from megatron_cslm.data.chunking import check_words
 from megatron_cslm.fileio import DataError, require
 
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}

@@ -2,7 +2,7 @@
 
 Interleaved documents (``text speech text ...`` of one utterance) teach the model that a span of speech and
 its words are interchangeable mid-sentence, which is what lets it switch modality inside an answer later.
-Words and unit cuts follow `megatron_cslm.chunking` (the SFT answer chunker), so pretraining and SFT agree
+Words and unit cuts follow `megatron_cslm.data.chunking` (the SFT answer chunker), so pretraining and SFT agree
 on what a word is (a space-separated word, or one CJK character) and where its speech starts: with word
 timestamps, a chunk's units run from its first word's start to the next chunk's first word's start (pauses
 stay with the word before them); without, units are split in proportion to characters. Unlike SFT, chunk
@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 from typing import Sequence
 
-from megatron_cslm.chunking import Chunk, align_chunks, is_spoken, split_pieces
+from megatron_cslm.data.chunking import Chunk, align_chunks, is_spoken, split_pieces
 
 
 def chunk_sizes(n_words: int, chunk_words: tuple[int, int], rng: random.Random) -> list[int]:
