@@ -29,12 +29,12 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from megatron_cslm.cli import run_tool
+from megatron_cslm.convert.layout import hf_tensor_specs
+from megatron_cslm.convert.safetensors_io import HFCheckpoint, ShardedSafetensorsWriter
+from megatron_cslm.models.llama import ARCHS, LlamaArch
 
-from megatron_cslm.convert.layout import hf_tensor_specs  # noqa: E402
-from megatron_cslm.convert.safetensors_io import HFCheckpoint, ShardedSafetensorsWriter  # noqa: E402
-from megatron_cslm.models.llama import ARCHS, LlamaArch  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 GiB = 2**30
 POOL = 2**27  # random bf16 values reused at random offsets (256 MB)
@@ -175,4 +175,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(run_tool(lambda argv: main()))

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from megatron_cslm.cli import run_tool
+
 
 def _timeit(fn, repeats: int) -> float:
     """Median seconds of `repeats` calls after one warm-up call."""
@@ -54,10 +56,10 @@ def main() -> None:
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from megatron_cslm.data.sft import SFTConfig, SFTEncoder
     from megatron_cslm.inference import SamplingConfig, SpeechLM
     from megatron_cslm.inference.sampling import sample, top_p_filter
     from megatron_cslm.models.llama import ARCHS
-    from megatron_cslm.data.sft import SFTConfig, SFTEncoder
     from megatron_cslm.text.tokenizer import SpeechTextTokenizer
 
     if args.tokenizer is None:
@@ -126,4 +128,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_tool(lambda argv: main()))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 
+from megatron_cslm.cli import run_tool
 from megatron_cslm.models.flops import PEAK_TFLOPS, forward_flops_per_token, mfu, train_flops_per_token
 from megatron_cslm.models.llama import ARCHS, padded_vocab_size
 
@@ -40,4 +41,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_tool(lambda argv: main()))

@@ -15,21 +15,24 @@ Baseline (same process): shuffled batches of --micro-batch-size, each padded to 
 up to a multiple of 8. Per bin size: non-pad fraction of the positions computed on, and real tokens per
 step at the same micro-batch (rows of a bin vs rows of a sample; `positions/step` shows the cost).
 
-    python bench/packing.py            # 200k samples
-    python bench/packing.py --quick    # 5k samples, seconds
+Packed attention cost (last lines): one attention layer of the `small` arch (fp32, CPU, forward + backward)
+on real packed bins of --attention-seq-length positions holding several samples: the local spec's per-sample
+SDPA (`SampleSDPAttention`, sum of each sample's length squared) vs megatron-core's `DotProductAttention`
+with the dense block-diagonal mask (bin length squared), in the same process.
+
+    python bench/packing.py            # 200k samples; attention at bins of 8192
+    python bench/packing.py --quick    # 5k samples, attention at bins of 2048, seconds
 """
 from __future__ import annotations
 
 import argparse
-import sys
+import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from megatron_cslm.data.packing import best_fit_decreasing, packing_bound, whole_sample_seq_length  # noqa: E402
+from megatron_cslm.cli import run_tool
+from megatron_cslm.data.packing import best_fit_decreasing, packing_bound, whole_sample_seq_length
 
 TEMPLATE_TOKENS = 30  # BOS, role headers, instruction, <|eot_id|> x2, [question], [answer]
 TOKENS_PER_WORD = 1.3  # Llama-3 BPE on English
@@ -91,6 +94,44 @@ def report(name: str, lengths: np.ndarray, args: argparse.Namespace) -> dict:
     return next(r for r in rows if r["s"] == whole)
 
 
+def attention_cost(lengths: np.ndarray, s: int, repeats: int, seed: int) -> dict:
+    """Seconds per forward+backward of one attention layer on a packed bin of `s`: per-sample vs dense mask."""
+    import torch
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megatron_cslm.data.packing import block_causal_mask
+    from megatron_cslm.distributed import parallel
+    from megatron_cslm.models import llama
+    from megatron_cslm.models.attention import SampleSDPAttention, bin_packed_seq_params
+
+    positions = np.minimum(lengths, s + 1) - 1
+    bins = best_fit_decreasing(positions, s, seed)
+    b = max(bins, key=len)  # the bin holding the most samples
+    cu = torch.tensor(np.unique(np.concatenate([[0], np.cumsum(positions[b]), [s]])), dtype=torch.int32)
+    if not torch.distributed.is_initialized():
+        parallel.initialize(parallel.ParallelConfig(), device="cpu", seed=seed)
+    arch = llama.ARCHS["small"]
+    config = llama.transformer_config(arch, spec="local", precision=llama.PrecisionConfig(dtype="fp32"))
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(s, 1, arch.num_attention_heads, arch.head_dim, generator=gen)
+    kv = [torch.randn(s, 1, arch.num_query_groups, arch.head_dim, generator=gen) for _ in range(2)]
+    runs = {"sample": (SampleSDPAttention(config, 1, AttnMaskType.causal, "self"),
+                       {"attention_mask": None, "packed_seq_params": bin_packed_seq_params(cu[None])}),
+            "mask": (DotProductAttention(config, 1, AttnMaskType.causal, "self"),
+                     {"attention_mask": block_causal_mask(cu, s)[None]})}
+    seconds = {}
+    for name, (module, kwargs) in runs.items():
+        times = []
+        for _ in range(repeats + 1):  # the first run warms up
+            x = [t.clone().requires_grad_() for t in (q, *kv)]
+            t0 = time.perf_counter()
+            module(*x, **kwargs).sum().backward()
+            times.append(time.perf_counter() - t0)
+        seconds[name] = statistics.median(times[1:])
+    return {"s": s, "samples": len(b), **seconds}
+
+
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="5,000 samples instead of --num-samples")
@@ -104,6 +145,9 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--answer-words", type=float, nargs=2, default=(50.0, 400.0),
                    help="answer length range, words, uniform (default: 50 400)")
     p.add_argument("--dedup-ratio", type=float, default=0.6, help="units kept by deduplication (default: 0.6)")
+    p.add_argument("--attention-seq-length", type=int, default=8192,
+                   help="bin size (positions) of the packed-attention cost lines (default: 8192; 2048 with --quick)")
+    p.add_argument("--attention-repeats", type=int, default=3, help="timed runs per attention path (default: 3)")
     p.add_argument("--seed", type=int, default=0, help="seed for lengths, packing and batches (default: 0)")
     return p.parse_args(argv)
 
@@ -120,7 +164,13 @@ def main(argv: list[str] | None = None) -> None:
     for name, r in headline.items():
         print(f"  {name:<22} seq {r['s']:>6,}: non-pad packing {r['pack']:.4f} vs padding {r['pad']:.4f} "
               f"({r['pack'] / r['pad']:.3f}x); real tokens/step {r['pack_tps'] / r['pad_tps']:.3f}x")
+    s = 2048 if args.quick else args.attention_seq_length
+    lengths = sample_lengths(1000, np.random.default_rng(args.seed), args.dedup_ratio, *spans)
+    a = attention_cost(lengths, s, args.attention_repeats, args.seed)
+    print(f"\npacked attention, one `small` layer, fp32 fwd+bwd, a bin of {s:,} holding {a['samples']} samples "
+          f"(dedup units): per-sample SDPA {a['sample'] * 1e3:.1f} ms vs dense block mask {a['mask'] * 1e3:.1f} ms")
+    print(f"packed attention at bins of {s}: per-sample vs mask {a['mask'] / a['sample']:.2f}x faster")
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_tool(main))

@@ -6,6 +6,8 @@
 #   bash examples/quickstart_cpu.sh            # ~3-4 min on 2 cores; re-running reuses finished stages
 #   QUICK=1 bash examples/quickstart_cpu.sh    # a few steps per stage (what the test suite runs)
 #   RUN=/path/to/dir bash examples/quickstart_cpu.sh
+#   VERBOSE=1 bash examples/quickstart_cpu.sh  # also what CPU runs hide (gloo connection lines, CUDA/TE/Apex
+#                                              # fallback warnings): CSLM_VERBOSE=1, see distributed/quiet.py
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -13,7 +15,8 @@ bash scripts/venv.sh
 PY="$ROOT/.venv/bin/python"
 RUN="${RUN:-$ROOT/runs/quickstart}"
 if [[ "${QUICK:-0}" == 1 ]]; then PRETRAIN_STEPS=20; SFT_STEPS=10; else PRETRAIN_STEPS=200; SFT_STEPS=150; fi
-export OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore TORCH_CPP_LOG_LEVEL=ERROR
+export OMP_NUM_THREADS=1
+[[ "${VERBOSE:-0}" == 1 ]] && export CSLM_VERBOSE=1
 TORCHRUN=("$PY" -m torch.distributed.run --standalone --nproc-per-node 2)
 mkdir -p "$RUN/logs"
 stage() { echo; echo "=== [$1] $2"; }

@@ -5,7 +5,10 @@
 #   bash examples/train_llama3.1_8b.sh sft PACKED_PREFIX...
 #
 # Several nodes: run the same command on every node with NNODES, NODE_RANK, MASTER_ADDR (node 0's address) and
-# MASTER_PORT set (examples/slurm_cslm.sbatch does this for SLURM). DRY_RUN=1 prints the command instead.
+# MASTER_PORT set. DRY_RUN=1 prints the command instead. LAUNCHER=srun runs this process alone, without torchrun:
+# one process per GPU started by `srun --ntasks-per-node=8`, ranks from SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS
+# (examples/slurm_cslm.sbatch does this, so SLURM's pre-timeout SIGUSR1 reaches every trainer directly).
+# EXTRA_ARGS (word-split) are appended to the training flags, e.g. EXTRA_ARGS="--async-save --profile".
 #
 # Worked example (pretraining, the paper's preset): 4 nodes x 8 GPUs = 32 GPUs, TP=2, PP=1 -> DP=16.
 #   global batch 1024 samples x 1024 tokens = 1,048,576 tokens per step;
@@ -37,7 +40,7 @@ DP=$((WORLD / (TP * PP)))
 if (( GBS % (MBS * DP) )); then echo "global batch $GBS is not a multiple of micro batch $MBS x DP $DP" >&2; exit 2; fi
 TOKENS_PER_STEP=$((GBS * SEQ))
 TRAIN_ITERS="${TRAIN_ITERS:-$(python3 -c "import math; print(math.ceil(float('$TRAIN_TOKENS') / $TOKENS_PER_STEP))")}"
-echo "[$STAGE] $NNODES node(s) x $GPUS_PER_NODE GPUs = $WORLD; TP=$TP PP=$PP DP=$DP; micro batch $MBS," \
+[[ "${LAUNCHER:-torchrun}" == srun && "${SLURM_PROCID:-0}" != 0 ]] || echo "[$STAGE] $NNODES node(s) x $GPUS_PER_NODE GPUs = $WORLD; TP=$TP PP=$PP DP=$DP; micro batch $MBS," \
      "accumulation $((GBS / (MBS * DP))); $TOKENS_PER_STEP tokens/step; $TRAIN_ITERS steps" \
      "= $((TRAIN_ITERS * TOKENS_PER_STEP)) tokens"
 
@@ -48,9 +51,15 @@ ARGS=(--config "$CONFIG" --tensor-model-parallel-size "$TP" --pipeline-model-par
 [[ "$RECOMPUTE" == full ]] && ARGS+=(--recompute-granularity full --recompute-method uniform --recompute-num-layers 1)
 [[ "$RECOMPUTE" == selective ]] && ARGS+=(--recompute-granularity selective)
 (( TP > 1 )) && [[ "${SEQUENCE_PARALLEL:-1}" == 1 ]] && ARGS+=(--sequence-parallel)
+# shellcheck disable=SC2206
+[[ -n "${EXTRA_ARGS:-}" ]] && ARGS+=($EXTRA_ARGS)
 
-CMD=(torchrun --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$GPUS_PER_NODE"
-     --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" -m "megatron_cslm.$STAGE" "${ARGS[@]}")
+if [[ "${LAUNCHER:-torchrun}" == srun ]]; then   # this process is one rank; megatron_cslm reads SLURM's variables
+  CMD=("${PYTHON:-python}" -m "megatron_cslm.$STAGE" "${ARGS[@]}")
+else
+  CMD=(torchrun --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$GPUS_PER_NODE"
+       --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" -m "megatron_cslm.$STAGE" "${ARGS[@]}")
+fi
 if [[ "${DRY_RUN:-0}" == 1 ]]; then
   printf '%q ' "${CMD[@]}"; echo
 else

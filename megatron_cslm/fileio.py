@@ -16,18 +16,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
+from megatron_cslm.errors import CslmError
 
-class DataError(ValueError):
-    """Bad input data, located by file, line and field."""
-
-    def __init__(self, path: str | os.PathLike, line: int | None, field: str | None, message: str):
-        self.path, self.line, self.field, self.reason = str(path), line, field, message
-        where = self.path + (f":{line}" if line is not None else "")
-        what = f" field '{field}'" if field else ""
-        super().__init__(f"{where}:{what} {message}")
-
-    def __reduce__(self):  # picklable, so an error raised in a worker process reaches the parent intact
-        return DataError, (self.path, self.line, self.field, self.reason)
+# The project's one error type (megatron_cslm/errors.py). `DataError` is the same class under the name its
+# twenty readers import: their ``DataError(path, line, field, message)`` calls are CslmError's positional form.
+DataError = CslmError
 
 
 def _umask() -> int:
@@ -72,37 +65,96 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def open_text(path: str | os.PathLike) -> io.TextIOBase:
-    """Open a UTF-8 text file for streaming, transparently gunzipping `.gz`."""
+    """Open a UTF-8 text file for streaming, transparently gunzipping `.gz`.
+
+    Text-mode decoding reads ahead, so a UnicodeDecodeError from it cannot be placed on a line: readers that
+    report errors use `iter_lines` instead.
+    """
     path = str(path)
     if path.endswith(".gz"):
         return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="strict")
     return open(path, "r", encoding="utf-8", errors="strict")
 
 
-def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
-    """Stream `(line_number, record)` from a JSONL (or .jsonl.gz) file; blank lines are ignored.
+def _open_bytes(path: str | os.PathLike) -> io.BufferedIOBase:
+    path = str(path)
+    try:
+        return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+    except FileNotFoundError:
+        raise DataError(path, None, None, "file not found", reason="unreadable") from None
+    except IsADirectoryError:
+        raise DataError(path, None, None, "is a directory, expected a file", reason="unreadable") from None
 
-    Raises DataError naming the file and line for malformed JSON, non-object records or non-UTF-8 bytes.
-    """
-    with open_text(path) as f:
+
+def _decoded_lines(path: str | os.PathLike) -> Iterator[tuple[int, str | CslmError]]:
+    """`(line_number, text)` per line, decoded one line at a time; a line that is not UTF-8 comes back as a
+    located DataError value (reason ``not_utf8``) so callers choose between stopping and skipping."""
+    with _open_bytes(path) as f:
         lineno = 0
         while True:
             lineno += 1
             try:
-                line = f.readline()
-            except UnicodeDecodeError as e:
-                raise DataError(path, lineno, None, f"not valid UTF-8 ({e.reason} at byte {e.start})") from e
-            if not line:
+                raw = f.readline()
+            except (EOFError, gzip.BadGzipFile, OSError) as e:
+                raise DataError(path, lineno, None, f"unreadable compressed data ({e})", reason="unreadable") from None
+            if not raw:
                 return
-            if not line.strip():
+            try:
+                yield lineno, raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                yield lineno, DataError(path, lineno, None, f"not valid UTF-8 ({e.reason} at byte {e.start} of the "
+                                                            "line)", reason="not_utf8")
+
+
+def iter_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
+    """Stream `(line_number, text)` of a UTF-8 (or .gz) text file, 1-based, without the line ending.
+
+    Bytes are read and decoded one line at a time, so invalid UTF-8 is reported (DataError) on the line that
+    holds it, with the byte offset within that line; text-mode reading decodes ahead and cannot do that.
+    """
+    for lineno, text in _decoded_lines(path):
+        if isinstance(text, CslmError):
+            raise text
+        yield lineno, text
+
+
+def parse_json_line(path: str | os.PathLike, lineno: int, text: str) -> dict:
+    """The JSON object on one line, or a DataError (reason ``malformed_json``) naming file and line."""
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(path, lineno, None, f"malformed JSON: {e.msg} (column {e.colno})",
+                        reason="malformed_json") from None
+    if not isinstance(record, dict):
+        raise DataError(path, lineno, None, f"expected a JSON object, got {type(record).__name__}",
+                        reason="malformed_json")
+    return record
+
+
+def iter_jsonl(path: str | os.PathLike, skipped: SkipCounter | None = None) -> Iterator[tuple[int, dict]]:
+    """Stream `(line_number, record)` from a JSONL (or .jsonl.gz) file; blank lines are ignored.
+
+    A malformed line (invalid UTF-8, malformed JSON, not an object) raises DataError naming the file and line,
+    unless `skipped` is given (the tool's --skip-bad-records): then the line is counted there as read and as
+    skipped under the error's reason, and reading goes on. The caller counts only the records it receives, so
+    ``read == written + skipped`` holds over both.
+    """
+    for lineno, text in _decoded_lines(path):
+        error = text if isinstance(text, CslmError) else None
+        if error is None:
+            if not text.strip():
                 continue
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(path, lineno, None, f"malformed JSON: {e.msg} (column {e.colno})") from e
-            if not isinstance(record, dict):
-                raise DataError(path, lineno, None, f"expected a JSON object, got {type(record).__name__}")
+                record = parse_json_line(path, lineno, text)
+            except CslmError as e:
+                error = e
+        if error is None:
             yield lineno, record
+        elif skipped is None:
+            raise error
+        else:
+            skipped.read += 1
+            skipped.skip(error.reason, str(error))
 
 
 def require(record: dict, field: str, kind: type | tuple[type, ...], path: str | os.PathLike, line: int) -> Any:

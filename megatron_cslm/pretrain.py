@@ -11,25 +11,34 @@ import argparse
 
 import torch.distributed as dist
 
+from megatron_cslm.cli import add_debug_flag, run_tool
+from megatron_cslm.data.metadata import tokenizer_identity
 from megatron_cslm.training.arguments import build_parser
-from megatron_cslm.training.data import (build_pretrain_datasets, check_indexed_dataset, micro_batch_stream,
-                                         parse_data_path)
-from megatron_cslm.training.loop import ModelSource, Task, main
+from megatron_cslm.training.data import (
+    build_pretrain_datasets,
+    check_indexed_dataset,
+    micro_batch_stream,
+    parse_data_path,
+)
+from megatron_cslm.training.trainer import ModelSource, Task, main
 
 
 def make_task(args: argparse.Namespace, source: ModelSource, padded_vocab: int) -> Task:
     from megatron_cslm.text.tokenizer import SpeechTextTokenizer
 
     blend = parse_data_path(args.data_path)
-    if dist.get_rank() == 0:  # one scan, on one rank; errors stop the job before any index is built
+    tokenizer = SpeechTextTokenizer.from_pretrained(source.tokenizer_dir)
+    if dist.get_rank() == 0:  # metadata + .idx only, on one rank; errors stop the job before any index is built
+        identity = tokenizer_identity(tokenizer)
         for prefix in blend.prefixes:
-            check_indexed_dataset(prefix, source.arch.vocab_size)
+            check_indexed_dataset(prefix, source.arch.vocab_size, identity)
     dist.barrier()
-    eod = SpeechTextTokenizer.from_pretrained(source.tokenizer_dir).eod_id
+    eod = tokenizer.eod_id
     splits = [float(x) for x in args.split.split(",")]
     train_samples = args.train_iters * args.global_batch_size
     # every validation pass reads the same first eval_iters global batches of the valid split
-    valid_samples = args.eval_iters * args.global_batch_size if args.eval_interval and len(splits) > 1 and splits[1] > 0 \
+    has_valid_split = args.eval_interval and len(splits) > 1 and splits[1] > 0
+    valid_samples = args.eval_iters * args.global_batch_size if has_valid_split \
         else 0
     train, valid, _ = build_pretrain_datasets(
         blend, split=args.split, seq_length=args.seq_length, seed=args.seed,
@@ -49,5 +58,10 @@ def parser() -> argparse.ArgumentParser:
     return build_parser("Continual pretraining of a speech-text Llama on blended .bin/.idx data (CSLM stage 1).")
 
 
+def cli_main(argv: list[str] | None = None) -> int:
+    """`cslm pretrain` / `python -m megatron_cslm.pretrain`: one training job under the shared error policy."""
+    return main(make_task, lambda: add_debug_flag(parser()), argv)
+
+
 if __name__ == "__main__":
-    main(make_task, parser)
+    raise SystemExit(run_tool(cli_main))

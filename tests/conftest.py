@@ -1,4 +1,8 @@
-"""Shared test fixtures: real tokenizer files (shipped by installed packages or trained here, no hub downloads)."""
+"""Shared test fixtures: real tokenizer files (shipped by installed packages or trained here, no hub downloads).
+
+Helpers that are not fixtures (launching torchrun, loading a tool, JSONL files, the BELLE opt-in) live in
+tests/distributed.py; markers (`slow`, `distributed`) are registered in pytest.ini.
+"""
 from __future__ import annotations
 
 import io
@@ -9,6 +13,14 @@ import pytest
 
 EN = ["Hello world.", " The cat sat on the mat,", " speech units are fun!", " What's 12 + 30?", "\nNew line"]
 ZH = ["你好，世界。", "今天天气怎么样？", "机器学习", "中国有多少个省？", "我们去公园吧"]
+
+
+def pytest_report_header(config) -> str:
+    from tests.distributed import BELLE_DIR, BELLE_ENV
+
+    if BELLE_DIR is None:
+        return f"spoken questions: audio written by the tests (set {BELLE_ENV} to use BELLE-eval-S2S's)"
+    return f"spoken questions: BELLE-eval-S2S audio from {BELLE_ENV}={BELLE_DIR}"
 
 
 @pytest.fixture(scope="session")

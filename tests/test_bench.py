@@ -15,6 +15,7 @@ BENCHES = {
     "bench/preprocess.py": ["--quick"],
     "bench/convert.py": ["--quick"],
     "bench/decode.py": ["--quick"],
+    "bench/tokenize_speech.py": ["--quick"],
 }
 
 

@@ -16,8 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_cslm.errors import CslmError
+
 ROOT = Path(__file__).resolve().parent.parent
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
+NOTICES = {"LICENSE": "LLAMA 3.1 COMMUNITY LICENSE AGREEMENT (test copy)\n",
+           "USE_POLICY.md": "# Llama 3.1 Acceptable Use Policy (test copy)\n"}
 TINY = dict(vocab_size=128256, hidden_size=64, intermediate_size=176, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=2048, rope_theta=500000.0, rms_norm_eps=1e-5,
             rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -76,6 +80,8 @@ def work(tmp_path_factory, hf_tiny) -> Path:
 
     work = tmp_path_factory.mktemp("convert")
     hf = Path(shutil.copytree(hf_tiny, work / "hf"))
+    for name, text in NOTICES.items():  # what Meta's Llama 3.1 repository carries next to the weights
+        (hf / name).write_text(text, encoding="utf-8")
     convert_hf_to_megatron(hf, work / "plain", tensor_parallel_size=2, pipeline_parallel_size=2, progress=False)
     convert_hf_to_megatron(hf, work / "expanded", tensor_parallel_size=2, pipeline_parallel_size=2,
                            expand_vocab=True, progress=False)
@@ -179,9 +185,9 @@ def test_verify_reports_a_mismatch_with_a_table(results):
 def test_vocab_expansion(work, results, speech_tokenizer):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from megatron_cslm.checkpoint.manifest import ModelManifest
     from megatron_cslm.convert.dist_ckpt import DistCheckpointReader
     from megatron_cslm.convert.layout import EMBEDDING, OUTPUT
-    from megatron_cslm.checkpoint.manifest import ModelManifest
 
     base, vocab = speech_tokenizer.base_vocab_size, speech_tokenizer.vocab_size
     manifest = ModelManifest.load(work / "expanded")
@@ -223,6 +229,47 @@ def test_vocab_expansion(work, results, speech_tokenizer):
     assert against_original["skipped"] == ["<sosp><12><345><678><9><eosp> What did the speaker say?"]
 
 
+@pytest.mark.timeout(300)
+def test_export_is_hub_ready(work, speech_tokenizer):
+    """Licence files travel HF -> Megatron -> HF; the export has a model card, chat_template.jinja, the
+    intended sampling and a vLLM-readable RoPE config, and still loads in stock transformers unchanged."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from megatron_cslm.checkpoint.manifest import ModelManifest
+    from megatron_cslm.inference.sampling import SamplingConfig
+
+    export, run = work / "hf_expanded", work / "expanded"
+    for name, text in NOTICES.items():
+        assert (run / name).read_text(encoding="utf-8") == text  # kept with the Megatron checkpoint
+        assert (export / name).read_text(encoding="utf-8") == text
+    manifest = ModelManifest.load(run)
+    assert manifest.base_model == "hf" and manifest.lineage[0]["stage"] == "convert"
+
+    card = (export / "README.md").read_text(encoding="utf-8")
+    assert card.startswith("---\nbase_model: hf\n")
+    assert "[LICENSE](LICENSE), [USE_POLICY.md](USE_POLICY.md)" in card
+    assert f"speech {speech_tokenizer.layout.describe()}" in card
+    assert f"`<sosp>` = {speech_tokenizer.sosp_id}" in card and "top_p=0.7" in card
+    assert "vocabulary expanded with 4096 speech units" in card
+
+    config = json.loads((export / "config.json").read_text())
+    assert config["rope_theta"] == 500000.0 and config["rope_scaling"]["rope_type"] == "llama3"
+    generation = GenerationConfig.from_pretrained(export)
+    sampling = SamplingConfig()
+    assert generation.do_sample and (generation.temperature, generation.top_p) == (sampling.temperature,
+                                                                                   sampling.top_p)
+    template = (export / "chat_template.jinja").read_text(encoding="utf-8")
+    assert "chat_template" not in json.loads((export / "tokenizer_config.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    assert tokenizer.chat_template == template and "<|start_header_id|>" in template
+
+    original = AutoModelForCausalLM.from_pretrained(work / "hf", dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32)
+    text = tokenizer("Licence files travel with the weights.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(original(text).logits, model(text).logits[..., :speech_tokenizer.base_vocab_size])
+
+
 # ----------------------------------------------------------------------------------------------- CLI
 
 @pytest.mark.timeout(300)
@@ -261,7 +308,8 @@ def test_error_non_llama_config(hf_copy, tmp_path):
 def test_error_missing_shard(hf_copy, tmp_path):
     shard = json.loads((hf_copy / "model.safetensors.index.json").read_text())["weight_map"]["model.norm.weight"]
     (hf_copy / shard).unlink()
-    with pytest.raises(ValueError, match=rf"index.json: field 'weight_map' shard {shard} \(holding e.g. .*\) not found"):
+    missing = rf"index.json: field 'weight_map' shard {shard} \(holding e.g. .*\) not found"
+    with pytest.raises(ValueError, match=missing):
         _convert(hf_copy, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -301,9 +349,9 @@ def test_error_tp_does_not_divide_heads(hf_tiny, tmp_path):
 def test_error_existing_output_and_bad_megatron_inputs(work, tmp_path):
     from megatron_cslm.convert import convert_megatron_to_hf
 
-    with pytest.raises(FileExistsError, match="already holds a checkpoint"):
+    with pytest.raises(CslmError, match="already holds a checkpoint"):
         _convert(work / "hf", work / "plain")
-    with pytest.raises(FileNotFoundError, match="latest_checkpointed_iteration.txt"):
+    with pytest.raises(CslmError, match="latest_checkpointed_iteration.txt"):
         convert_megatron_to_hf(work / "hf", tmp_path / "x", progress=False)
     # A manifest that disagrees with the checkpoint's tensors (e.g. copied from another run).
     run = Path(shutil.copytree(work / "plain", tmp_path / "run"))
@@ -324,11 +372,11 @@ def _worker(work: Path) -> None:
     from megatron.core import dist_checkpointing, parallel_state
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
-    from megatron_cslm.distributed import parallel
     from megatron_cslm.checkpoint.manifest import MANIFEST, ModelManifest
-    from megatron_cslm.convert.verify import verify
-    from megatron_cslm.models.llama import PrecisionConfig, transformer_config
     from megatron_cslm.checkpoint.save_load import load_checkpoint, save_checkpoint
+    from megatron_cslm.convert.verify import verify
+    from megatron_cslm.distributed import parallel
+    from megatron_cslm.models.llama import PrecisionConfig, transformer_config
     from megatron_cslm.training.setup import build_model
 
     manifest = ModelManifest.load(work / "plain")

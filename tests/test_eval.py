@@ -5,16 +5,16 @@ import json
 import sys
 
 import pytest
+from test_inference import ANSWERS, QUESTIONS, answer_units, belle_manifest, chunk_units, tiny_models
 
+from megatron_cslm.data.sft import SFTConfig, SFTEncoder, parse_record
 from megatron_cslm.inference.evaluate import AsrCommand, evaluate, render_markdown
 from megatron_cslm.inference.generate import Response
 from megatron_cslm.inference.inputs import Question
 from megatron_cslm.inference.latency import measure
 from megatron_cslm.inference.metrics import error_rates, script_language
 from megatron_cslm.inference.parse import parse_response
-from megatron_cslm.data.sft import SFTConfig, SFTEncoder, parse_record
-from test_inference import (ANSWERS, BELLE, QUESTIONS, answer_units, belle_manifest, chunk_units, load_tool,
-                            needs_belle, tiny_models)
+from tests.distributed import load_tool
 
 # The spoken answer of each toy text answer, for the toy ASR below (a real command reading the units file).
 TOY_ASR = """
@@ -97,7 +97,7 @@ def test_report_counts_off_target_and_renders(speech_tokenizer):
     assert "| a | " in md
 
 
-@needs_belle
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_eval_tool_compares_layouts(tmp_path_factory, speech_tokenizer, tmp_path):
     models = tiny_models(tmp_path_factory, speech_tokenizer)
@@ -108,7 +108,7 @@ def test_eval_tool_compares_layouts(tmp_path_factory, speech_tokenizer, tmp_path
                                    for k in QUESTIONS for lang in ("zh", "en")}, ensure_ascii=False))
     out = tmp_path / "eval"
     load_tool("eval_s2s").main([
-        "--manifest", str(belle_manifest(tmp_path)), "--audio-dir", str(BELLE / "wav"), "--random-init",
+        "--manifest", str(belle_manifest(tmp_path)), "--audio-dir", str(models["audio_dir"]), "--random-init",
         "--model", str(models["interleaved"]), "--baseline-model", str(models["sequential"]),
         "--lang", "zh", "--answer-lang", "en", "--max-new-tokens", "80", "--batch-size", "3",
         "--asr-command", f"{sys.executable} {script} {lexicon} {{units_file}}", "--output-dir", str(out)])

@@ -1,7 +1,10 @@
-"""Inference on tiny Llama models trained here, in plain torch, to answer three BELLE-eval-S2S questions.
+"""Inference on tiny Llama models trained here, in plain torch, to answer three spoken questions.
 
-The questions' units come from the real S3 tokenizer code with random-init weights (deterministic), so the
-decode and eval tools, which tokenize the same wavs, give the models exactly the prompts they were trained on.
+The questions are three of BELLE-eval-S2S's. Their audio is written by the tests (22.05 kHz like the
+benchmark's, a voiced contour derived from each question's text), or, opt-in, is the benchmark's own when
+BELLE_EVAL_S2S names its folder. The questions' units come from the real S3 tokenizer code with random-init
+weights (deterministic), so the decode and eval tools, which tokenize the same wavs, give the models exactly
+the prompts they were trained on.
 Each model learns `[question] TQ [answer] TA1 <sosp>SA1<eosp> TA2 ...` in both answer languages; one model
 is trained on the interleaved layout, one on the sequential layout (the latency baseline).
 
@@ -10,25 +13,25 @@ temporary directory so they are trained once per run.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import random
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile as sf
 import torch
 import torch.nn.functional as F
 
+from megatron_cslm.data.sft import SFTConfig, SFTEncoder, parse_record
 from megatron_cslm.fileio import DataError
 from megatron_cslm.inference import SamplingConfig, SpeechLM
 from megatron_cslm.inference.sampling import ModalityConstraint
 from megatron_cslm.inference.vocab import Vocab
-from megatron_cslm.data.sft import SFTConfig, SFTEncoder, parse_record
-from tests.distributed import BELLE_DIR as BELLE
+from tests.distributed import BELLE_DIR, load_tool
 
-REPO = Path(__file__).resolve().parents[1]
 QUESTIONS = {"0": "中国有多少个省？", "3": "人类存在的意义是什么？", "4": "为什么太阳会发光？"}
 ANSWERS = {  # answer chunks by question id and answer language
     "0": {"zh": ["中国有三十四个", "省级行政区。"], "en": ["China has thirty-four", " provincial regions."]},
@@ -38,7 +41,7 @@ ANSWERS = {  # answer chunks by question id and answer language
 }
 LAYOUTS = ("interleaved", "sequential")
 
-needs_belle = pytest.mark.skipif(not (BELLE / "test.tsv").exists(), reason=f"BELLE-eval-S2S not found at {BELLE}")
+QUESTION_RATE = 22050  # BELLE-eval-S2S's sample rate; the tools resample to the tokenizer's 16 kHz
 
 
 def chunk_units(text: str, n: int = 8) -> list[int]:
@@ -51,20 +54,48 @@ def answer_units(qid: str, lang: str) -> list[int]:
     return [u for c in ANSWERS[qid][lang] for u in chunk_units(c)]
 
 
+def write_question_wavs(wav_dir: Path) -> Path:
+    """Spoken-question stand-ins, `wav_dir/<id>.wav` (mono 16-bit PCM at 22.05 kHz): one voiced syllable per
+    character, pitch and length drawn from a seed of the question's text, so each question has its own units."""
+    wav_dir.mkdir(parents=True, exist_ok=True)
+    for qid, text in QUESTIONS.items():
+        rng = np.random.default_rng(zlib.crc32(text.encode("utf-8")))
+        syllables = []
+        for _ in text:
+            n = int(QUESTION_RATE * rng.uniform(0.15, 0.3))
+            t = np.arange(n) / QUESTION_RATE
+            f0 = rng.uniform(110, 260) * (1 + rng.uniform(-0.2, 0.2) * t / t[-1])  # a rising or falling tone
+            phase = 2 * np.pi * np.cumsum(f0) / QUESTION_RATE
+            voiced = sum(np.sin(h * phase) / h for h in range(1, 9)) * np.hanning(n)
+            syllables += [voiced, np.zeros(int(QUESTION_RATE * rng.uniform(0.02, 0.08)))]
+        audio = np.concatenate(syllables) + rng.normal(0, 0.003, sum(map(len, syllables)))
+        sf.write(wav_dir / f"{qid}.wav", (0.3 * audio / np.abs(audio).max()).astype(np.float32), QUESTION_RATE,
+                 subtype="PCM_16")
+    return wav_dir
+
+
+def question_audio_dir(tmp_path_factory) -> Path:
+    """The questions' wav folder: BELLE-eval-S2S's own (opt-in), else written once per session."""
+    if BELLE_DIR is not None:
+        return BELLE_DIR / "wav"
+    wav_dir = tmp_path_factory.getbasetemp() / "questions" / "wav"
+    return wav_dir if wav_dir.is_dir() else write_question_wavs(wav_dir)
+
+
 def belle_manifest(directory: Path) -> Path:
-    """A manifest of the three questions in the BELLE format (audio stays in the shared wav/ directory)."""
+    """The three questions in the BELLE-eval-S2S list format, `id<TAB>text` (audio: `<audio dir>/<id>.wav`)."""
     path = directory / "test.tsv"
     path.write_text("id\ttext\n" + "".join(f"{k}\t{v}\n" for k, v in QUESTIONS.items()), encoding="utf-8")
     return path
 
 
-def question_units() -> dict[str, list[int]]:
+def question_units(wav_dir: Path) -> dict[str, list[int]]:
     """S3 units of the three wavs, through the same library calls the tools use (random-init weights)."""
     from megatron_cslm.inference.inputs import Question
     from megatron_cslm.inference.runner import tokenize_audio
-    from megatron_cslm.speech.units import UnitExtractor
+    from megatron_cslm.speech.extract import UnitExtractor
 
-    questions = [Question(k, k, audio=BELLE / "wav" / f"{k}.wav") for k in QUESTIONS]
+    questions = [Question(k, k, audio=wav_dir / f"{k}.wav") for k in QUESTIONS]
     tokenize_audio(questions, UnitExtractor(random_init=True), progress=False)
     return {q.id: q.units for q in questions}
 
@@ -128,34 +159,28 @@ def train_tiny(tok, records: list[dict], layout: str, out: Path, steps: int = 30
 
 
 def tiny_models(tmp_path_factory, tok) -> dict:
-    """{"units": question units, "interleaved": dir, "sequential": dir}, trained once per session."""
+    """{"units": question units, "audio_dir": their wavs, "interleaved": dir, "sequential": dir}, trained once
+    per session."""
     root = tmp_path_factory.getbasetemp() / "tiny_cslm"
     meta = root / "units.json"
+    audio_dir = question_audio_dir(tmp_path_factory)
     if not meta.exists():
-        units = question_units()
+        units = question_units(audio_dir)
         for layout in LAYOUTS:
             train_tiny(tok, toy_records(units), layout, root / layout)
         meta.write_text(json.dumps(units), encoding="utf-8")
-    return {"units": json.loads(meta.read_text(encoding="utf-8")), **{k: root / k for k in LAYOUTS}}
+    return {"units": json.loads(meta.read_text(encoding="utf-8")), "audio_dir": audio_dir,
+            **{k: root / k for k in LAYOUTS}}
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, speech_tokenizer):
-    if not (BELLE / "test.tsv").exists():
-        pytest.skip(f"BELLE-eval-S2S not found at {BELLE}")
     return tiny_models(tmp_path_factory, speech_tokenizer)
 
 
 @pytest.fixture(scope="module")
 def lm(models):
     return SpeechLM.from_pretrained(models["interleaved"])
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # ---------------------------------------------------------------------------------------------- prompt
@@ -185,6 +210,7 @@ def test_prompt_is_the_sft_user_turn(speech_tokenizer):
 # ---------------------------------------------------------------------------------------------- generation
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_trained_models_answer_as_trained(models, speech_tokenizer):
     """Both layouts, both answer languages (cross-lingual for these Chinese questions), authors' sampling."""
@@ -207,6 +233,7 @@ def test_trained_models_answer_as_trained(models, speech_tokenizer):
                 assert [c.kind for c in p.chunks] == ["tq", "ta", "sa"]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_stream_chunks_equal_generate_output(lm, models):
     """Same seed, same ids; the stream's chunks concatenate to the batch output; SA1 arrives mid-generation."""
@@ -242,6 +269,7 @@ def test_stream_chunks_equal_generate_output(lm, models):
     assert latency.text_chunks_before_speech == 1
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_batched_generation_matches_single(lm, models):
     encoder = SFTEncoder(lm.tok, SFTConfig())
@@ -269,6 +297,7 @@ def test_constraint_masks(speech_tokenizer):
     assert state.tolist() == [True, True, False, False]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_constrained_decoding_keeps_modalities_apart(lm):
     """At a high temperature the model mixes text and units; the constraint removes exactly that."""
@@ -291,6 +320,7 @@ def test_constrained_decoding_keeps_modalities_apart(lm):
 # ---------------------------------------------------------------------------------------------- tools
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_decode_tool_units_file(models, tmp_path):
     units = models["units"]
@@ -336,16 +366,18 @@ def test_decode_tool_units_file(models, tmp_path):
                      "--output-dir", str(tmp_path / "bad")])
 
 
-@needs_belle
+@pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_decode_tool_belle_audio(models, tmp_path):
+def test_decode_tool_benchmark_audio(models, tmp_path):
+    """The BELLE-eval-S2S layout: a question list `id<TAB>text`, audio at 22.05 kHz in `--audio-dir`."""
     manifest = belle_manifest(tmp_path)
     out = tmp_path / "out"
-    load_tool("decode").main(["--lang", "zh", "--manifest", str(manifest), "--audio-dir", str(BELLE / "wav"),
+    audio_dir = models["audio_dir"]
+    load_tool("decode").main(["--lang", "zh", "--manifest", str(manifest), "--audio-dir", str(audio_dir),
                               "--random-init", "--model-name-or-path", str(models["interleaved"]),
                               "--output-dir", str(out), "--max-new-tokens", "80", "--batch-size", "3"])
     responses = json.loads((out / "responses.json").read_text(encoding="utf-8"))
-    assert [r["question"] for r in responses] == [str(BELLE / "wav" / f"{k}.wav") for k in QUESTIONS]
+    assert [r["question"] for r in responses] == [str(audio_dir / f"{k}.wav") for k in QUESTIONS]
     assert [r["tq"] for r in responses] == list(QUESTIONS.values())
     assert all(r["response"].startswith("[question]") and not r["warnings"] for r in responses)
 

@@ -11,9 +11,18 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_cslm.data.packing import (MODALITIES, PackedSFTDataset, _FirstFit, best_fit_decreasing,
-                                   block_causal_mask, modality_prefix, packed_seq_params, packing_bound,
-                                   plan_packing, whole_sample_seq_length)
+from megatron_cslm.data.packing import (
+    MODALITIES,
+    PackedSFTDataset,
+    _FirstFit,
+    best_fit_decreasing,
+    block_causal_mask,
+    modality_prefix,
+    packed_seq_params,
+    packing_bound,
+    plan_packing,
+    whole_sample_seq_length,
+)
 from megatron_cslm.data.sft import SFTConfig, SFTEncoder, build_sft_data, parse_record
 
 WORDS = "the a city river tower museum bridge park night light old new famous long walk".split()

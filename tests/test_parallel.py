@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from megatron_cslm.models.llama import ARCHS, PrecisionConfig, RecomputeConfig, check_parallel_fit, transformer_config
 from megatron_cslm.distributed.parallel import ParallelConfig
+from megatron_cslm.models.llama import ARCHS, PrecisionConfig, RecomputeConfig, check_parallel_fit, transformer_config
 from tests.distributed import torchrun
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from megatron_cslm.fileio import DataError
 from megatron_cslm.inference.durations import expand_units, load_duration_table
-from megatron_cslm.inference.inputs import parse_unit_line, read_manifest, read_unit_file
+from megatron_cslm.inference.inputs import parse_unit_line, read_benchmark_list, read_unit_file
 from megatron_cslm.inference.parse import ResponseParser, parse_response
 from megatron_cslm.inference.vocab import Vocab
 
@@ -143,12 +143,12 @@ def test_unit_lines_and_manifests(tmp_path):
     (tmp_path / "b.wav").write_bytes(b"")
     manifest = tmp_path / "m.tsv"
     manifest.write_text("id\ttext\taudio\na\tQ one\t\nb\t\tb.wav\n", encoding="utf-8")
-    got = read_manifest(manifest)
+    got = read_benchmark_list(manifest)
     assert [(q.id, q.audio, q.reference) for q in got] == [
         ("a", tmp_path / "wav" / "a.wav", "Q one"), ("b", tmp_path / "b.wav", None)]
     manifest.write_text("id\ttext\nc\tQ\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"m\.tsv:2: field 'audio' audio file .*c\.wav not found"):
-        read_manifest(manifest)
+        read_benchmark_list(manifest)
     manifest.write_text("name\ttext\n", encoding="utf-8")
     with pytest.raises(DataError, match="field 'id'"):
-        read_manifest(manifest)
+        read_benchmark_list(manifest)

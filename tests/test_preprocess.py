@@ -10,11 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from megatron_cslm.fileio import DataError
 from megatron_cslm.data import indexed as indexed_data
-from megatron_cslm.data.indexed import encode_document, iter_shard_lines, parse_line, plan_shards, preprocess
+from megatron_cslm.data.indexed import encode_document, iter_shard_lines, parse_line, plan_input_shards, preprocess
+from megatron_cslm.fileio import DataError
 from megatron_cslm.text.tokenizer import SpeechTextTokenizer
-
 
 
 def load_tool(name: str):
@@ -97,8 +96,8 @@ def test_read_back_equals_every_record(speech_tokenizer, corpus, tmp_path):
     assert sum(v["tokens"] for v in stats["by_source"].values()) == flat.size
     assert stats["by_lang"] == {lang: [r["lang"] for r in records].count(lang) for lang in ("en", "zh")}
     assert json.loads((tmp_path / "ds.stats.json").read_text(encoding="utf-8")) == stats
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds.bin", "ds.idx", "ds.stats.json", "ds_lossmask.bin",
-                                                          "ds_lossmask.idx"]  # no temporaries left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds.bin", "ds.idx", "ds.meta.json", "ds.stats.json",
+                                                          "ds_lossmask.bin", "ds_lossmask.idx"]  # no temporaries left
 
     # Same prefix again, without loss masks and EOD: the stale mask must not survive next to the new data.
     unmasked = [r for r in records if all(s.get("loss", True) for s in r.get("segments", []))]
@@ -117,7 +116,7 @@ def test_two_workers_byte_identical_to_one(speech_tokenizer, corpus, tmp_path):
     # 2 KiB shards: plain files split into many byte ranges, the .gz file stays whole.
     two = preprocess([pattern], tmp_path / "two", speech_tokenizer, workers=2, append_eod=True, shard_bytes=2048,
                      progress=False)
-    assert len(plan_shards([str(p) for p in paths], 2048)) > 20
+    assert len(plan_input_shards([str(p) for p in paths], 2048)) > 20
     for suffix in (".bin", ".idx", "_lossmask.bin", "_lossmask.idx"):
         assert (tmp_path / f"one{suffix}").read_bytes() == (tmp_path / f"two{suffix}").read_bytes(), suffix
     assert {k: v for k, v in one.items() if k != "output_prefix"} == {k: v for k, v in two.items()
@@ -132,7 +131,7 @@ def test_shards_start_on_the_lines_they_number(corpus, scan_block, monkeypatch):
     lines = Path(path).read_bytes().splitlines(keepends=True)
     offsets = np.cumsum([0] + [len(x) for x in lines])
     for shard_bytes in (1, 1000, 10**9):
-        shards = plan_shards([path], shard_bytes)
+        shards = plan_input_shards([path], shard_bytes)
         assert shards[0].start == 0 and shards[-1].end is None
         for shard, nxt in zip(shards, shards[1:] + [None]):
             assert offsets[shard.first_line - 1] == shard.start
@@ -218,7 +217,7 @@ def test_bad_records_are_located_or_counted(speech_tokenizer, tmp_path):
             preprocess([str(path)], tmp_path / "out" / "ds", speech_tokenizer, workers=2, shard_bytes=512,
                        progress=False)
         assert (e.value.path, e.value.line, e.value.field) == (str(path), 51, field), str(e.value)
-        assert message in str(e.value) and e.value.kind == reason
+        assert message in str(e.value) and e.value.reason == reason
         assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # nothing half-written
 
     mixed = tmp_path / "mixed.jsonl"

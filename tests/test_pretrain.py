@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from megatron_cslm.errors import CslmError
 from tests.distributed import ROOT, signal_workers, torchrun, torchrun_command, worker_env
 
 SOURCES = ("asr", "tts", "interleave", "replay")
@@ -105,7 +106,11 @@ def test_sigterm_saves_a_checkpoint_before_exit(toy_pretrain, tmp_path):
     proc = subprocess.Popen(torchrun_command("-m megatron_cslm.pretrain", 2, *args), cwd=ROOT, env=worker_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
-    while not list((tmp_path / "tb").glob("events*")) or os.path.getsize(next((tmp_path / "tb").glob("events*"))) < 2000:
+
+    def events():
+        return list((tmp_path / "tb").glob("events*"))
+
+    while not events() or os.path.getsize(events()[0]) < 2000:
         assert proc.poll() is None and time.time() < deadline
         time.sleep(0.2)
     signal_workers(proc, signal.SIGTERM)  # what SLURM does before the time limit
@@ -124,7 +129,7 @@ def test_resume_never_picks_a_save_that_was_cut_short(tmp_path):
     (tmp_path / "iter_0000030.tmp").mkdir()  # killed mid-save: never renamed, tracker never updated
     assert latest_iteration(tmp_path) == 20
     (tmp_path / "latest_checkpointed_iteration.txt").write_text("30\n")  # a tracker pointing at nothing is loud
-    with pytest.raises(FileNotFoundError, match="iteration 30"):
+    with pytest.raises(CslmError, match="iteration 30"):
         latest_iteration(tmp_path)
 
 

@@ -1,20 +1,30 @@
 """Continual-pretraining recipes on the toy corpus and on hand-made edge cases, with the real Llama-3 tokenizer."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 from pathlib import Path
 
 import pytest
 
+from megatron_cslm.cli import run_tool
 from megatron_cslm.data.chunking import split_pieces
-from megatron_cslm.fileio import DataError, iter_jsonl
-from megatron_cslm.data.documents import (DEFAULT_TEMPLATES, RECIPES, RecipeConfig, Templates, build_pretrain_data,
-                                   check_template, interleave_document, parse_conversation, parse_speech,
-                                   replay_document)
+from megatron_cslm.data.documents import (
+    DEFAULT_TEMPLATES,
+    RECIPES,
+    RecipeConfig,
+    Templates,
+    build_pretrain_data,
+    check_template,
+    interleave_document,
+    parse_instruction,
+    parse_speech,
+    replay_document,
+)
 from megatron_cslm.data.documents.interleave import interleave_chunks
+from megatron_cslm.fileio import DataError, iter_jsonl
 from megatron_cslm.toy.corpus import make_toy_corpus
+from tests.distributed import load_tool
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -249,7 +259,7 @@ def test_replay_chat_template_and_mask(speech_tokenizer, tmp_path):
     ]
     template = jinja2.Environment().from_string(LLAMA31_CHAT_TEMPLATE)
     for i, raw in enumerate(records):
-        conv = parse_conversation(raw, "i.jsonl", i + 1)
+        conv = parse_instruction(raw, "i.jsonl", i + 1)
         messages = [{"role": r, "content": c} for r, c in conv.turns]
         expected = template.render(messages=messages, bos_token="<|begin_of_text|>", add_generation_prompt=False)
         plain, masked = replay_document(conv), replay_document(conv, mask_prompt=True)
@@ -266,8 +276,8 @@ def test_replay_chat_template_and_mask(speech_tokenizer, tmp_path):
         trained = [ids for s, ids in zip(masked["segments"], per_seg) if s.get("loss", True)]
         assert [speech_tokenizer.decode(ids) for ids in trained] == replies
         assert all(ids[-1] == eot[0] for ids in trained)
-    assert parse_conversation(records[0], "i", 1).lang == "en"
-    assert parse_conversation({"prompt": "天空是什么颜色？", "response": "蓝色。"}, "i", 1).lang == "zh"
+    assert parse_instruction(records[0], "i", 1).lang == "en"
+    assert parse_instruction({"prompt": "天空是什么颜色？", "response": "蓝色。"}, "i", 1).lang == "zh"
 
 
 def test_templates_override_and_validation(toy, tmp_path):
@@ -328,7 +338,7 @@ def test_bad_speech_records_are_located(tmp_path, record, field, msg):
     path = _write(tmp_path / "m.jsonl", [good, good, record])
     with pytest.raises(DataError) as e:
         build_pretrain_data(tmp_path / "out", [path], config=RecipeConfig(recipes=("asr", "tts")))
-    assert (e.value.path, e.value.line, e.value.field) == (str(path), 3, field) and msg in e.value.reason
+    assert (e.value.path, e.value.line, e.value.field) == (str(path), 3, field) and msg in e.value.message
     assert not (tmp_path / "out" / "asr.jsonl").exists()  # atomic: nothing half-written
 
 
@@ -364,7 +374,7 @@ def test_every_document_encodes_with_the_speech_tokenizer(built, speech_tokenize
     out, _ = built
     tok = speech_tokenizer
     for recipe in RECIPES:
-        for lineno, doc in list(iter_jsonl(out / f"{recipe}.jsonl"))[::5]:
+        for _, doc in list(iter_jsonl(out / f"{recipe}.jsonl"))[::5]:
             ids = tok.encode_segments(doc["segments"])
             units = [u for seg in doc["segments"] if "units" in seg for u in seg["units"]]
             assert [i - tok.unit_offset for i in ids if tok.is_unit(i)] == units
@@ -374,16 +384,8 @@ def test_every_document_encodes_with_the_speech_tokenizer(built, speech_tokenize
             assert [p.units for p in pieces if p.kind == "units"] == _units(doc)
 
 
-def _cli():
-    spec = importlib.util.spec_from_file_location(
-        "build_pretrain_data", Path(__file__).parents[1] / "tools" / "build_pretrain_data.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    return cli
-
-
 def test_cli(toy, tmp_path, capsys):
-    cli = _cli()
+    cli = load_tool("build_pretrain_data")
     out = tmp_path / "out"
     assert cli.main(["--asr", str(toy / "manifest.jsonl"), "--parallel", str(toy / "parallel.jsonl"),
                      "--out-dir", str(out), "--interleave-chunk-words", "2-4", "--p-tts", "0.5", "--seed", "9"]) == 0
@@ -394,7 +396,7 @@ def test_cli(toy, tmp_path, capsys):
     assert stats["config"]["chunk_words"] == [2, 4] and stats["config"]["p"]["tts"] == 0.5
     assert not (out / "replay.jsonl").exists()
     bad = _write(tmp_path / "bad.jsonl", [{"text": "x", "units": [1, "a"]}])
-    assert cli.main(["--asr", str(bad), "--out-dir", str(tmp_path / "o2")]) == 1
+    assert run_tool(cli.main, ["--asr", str(bad), "--out-dir", str(tmp_path / "o2")]) == 1  # one line, exit 1
     assert f"{bad}:1: field 'units'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["--asr", str(bad), "--recipes", "replay", "--out-dir", str(tmp_path / "o3")])

@@ -5,9 +5,11 @@ import subprocess
 
 import pytest
 
-from tests.distributed import ROOT
+from tests.distributed import NOISE, ROOT
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.timeout(900)
 def test_quickstart_runs_every_stage_and_reuses_them(tmp_path):
     env = {**os.environ, "QUICK": "1", "RUN": str(tmp_path)}
@@ -17,6 +19,8 @@ def test_quickstart_runs_every_stage_and_reuses_them(tmp_path):
     for stage in range(1, 10):
         assert f"=== [{stage}/9]" in first.stdout
     assert "=== quickstart summary" in first.stdout and "pretraining loss" in first.stdout
+    for noise in NOISE:  # issue 12: CPU runs are quiet by default
+        assert noise not in first.stdout + first.stderr, noise
     for path in ("tokenizer/cslm_tokenizer.json", "bin/asr.bin", "bin/replay_lossmask.idx", "pretrain/cslm_model.json",
                  "sft_data/interleaved.bin", "sft/latest_checkpointed_iteration.txt", "hf/config.json",
                  "decode/responses.json", "decode/speech_units.txt"):

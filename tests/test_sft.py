@@ -5,6 +5,8 @@ from tests.distributed import torchrun
 from tests.test_pretrain import _scalars
 from tests.toy_pipeline import build_toy_sft
 
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
 
 @pytest.mark.timeout(600)
 def test_short_sft_run_lowers_loss_on_every_modality(toy_pretrain, tmp_path):

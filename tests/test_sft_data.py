@@ -10,10 +10,13 @@ import random
 import numpy as np
 import pytest
 
-from megatron_cslm.data.chunking import Chunk, chunk_answer, chunk_text, dedup_units, split_pieces
-from megatron_cslm.fileio import DataError
+from megatron_cslm.cli import run_tool
+from megatron_cslm.data.chunking import AnswerChunk, chunk_answer, chunk_text, dedup_units, split_pieces
 from megatron_cslm.data.packing import MODALITIES, whole_sample_seq_length
-from megatron_cslm.data.sft import INSTRUCTIONS, FieldError, SFTConfig, SFTEncoder, build_sft_data, parse_record
+from megatron_cslm.data.sft import INSTRUCTIONS, SFTConfig, SFTEncoder, build_sft_data, parse_record
+from megatron_cslm.errors import CslmError
+from megatron_cslm.fileio import DataError
+from tests.distributed import load_tool
 
 TQ, TA, SA = MODALITIES["tq"], MODALITIES["ta"], MODALITIES["sa"]
 
@@ -242,7 +245,7 @@ def test_authors_format_bare_units_prompt_and_interleaved_response(speech_tokeni
     conv = parse_record({"prompt": "<sosp><12><345><eosp>", "response": response}, tok.num_units)
     (user, assistant), = conv.turns
     assert user.units == [12, 345] and user.transcript == "what is Paris" and user.content is None
-    assert assistant.chunks == [Chunk("Paris is a city.", [1, 2]), Chunk(" It is in France.", [3])]
+    assert assistant.chunks == [AnswerChunk("Paris is a city.", [1, 2]), AnswerChunk(" It is in France.", [3])]
     sample = SFTEncoder(tok, SFTConfig()).encode(conv)
     a, b = _assistant_spans(tok, sample.tokens.tolist())[0]
     # the authors' interleaved response round-trips to the tokens of the response itself
@@ -270,9 +273,9 @@ def test_authors_format_multi_turn_and_verbatim_prompt(speech_tokenizer):
     assert "这是输入: <sosp><1><2><eosp>。" in text
     assert "assistant<|end_header_id|>\n\n[answer]Why not.<|eot_id|>" in text
     assert len(_assistant_spans(tok, sample.tokens.tolist())) == 2
-    with pytest.raises(FieldError, match=r"response\[1\].units.*needs the answer's speech units"):
+    with pytest.raises(CslmError, match=r"response\[1\].units.*needs the answer's speech units"):
         SFTEncoder(tok, SFTConfig(with_tq=False)).encode(conv)
-    with pytest.raises(FieldError, match="no question transcript"):
+    with pytest.raises(CslmError, match="no question transcript"):
         SFTEncoder(tok, SFTConfig(layout="text")).encode(conv)  # turn 0 has no [question] part
 
 
@@ -291,7 +294,7 @@ def test_authors_format_multi_turn_and_verbatim_prompt(speech_tokenizer):
     ({"question": "a"}, "turns", "expected 'turns'"),
 ])
 def test_invalid_records_name_the_field(record, field, message):
-    with pytest.raises(FieldError, match=message) as e:
+    with pytest.raises(CslmError, match=message) as e:
         parse_record(record, 4096)
     assert e.value.field == field
 
@@ -328,18 +331,16 @@ def test_bad_records_are_located_or_counted(speech_tokenizer, tmp_path):
     assert json.loads((tmp_path / "out" / "p.stats.json").read_text()) == json.loads(json.dumps(stats))
     _write_jsonl(path, [good, "{not json"])
     with pytest.raises(DataError, match=r"in\.jsonl:2: malformed JSON"):
-        build_sft_data([path], speech_tokenizer, cfg, tmp_path / "p2", 4096, skip_bad_records=True, progress=False)
+        build_sft_data([path], speech_tokenizer, cfg, tmp_path / "p2", 4096, progress=False)
+    stats = build_sft_data([path], speech_tokenizer, cfg, tmp_path / "p2", 4096, skip_bad_records=True,
+                           progress=False)  # malformed JSON is a bad record like any other: skipped and counted
+    assert (stats["records"]["read"], stats["records"]["written"], stats["records"]["skipped"]) == \
+        (2, 1, {"malformed_json": 1})
 
 
 @pytest.mark.timeout(90)
 def test_cli_builds_packed_data(llama3_tokenizer_path, tmp_path, capsys):
-    import importlib.util
-    import pathlib
-
-    spec = importlib.util.spec_from_file_location(
-        "build_sft_data", pathlib.Path(__file__).parents[1] / "tools" / "build_sft_data.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_tool("build_sft_data")
     recs = [_record(), {"prompt": "<sosp><1><2><eosp>", "response": "[question]q[answer]a b c.<sosp><3><eosp>"},
             _record(lang="zh", answer=ZH)]
     path = _write_jsonl(tmp_path / "in.jsonl", recs)
@@ -360,6 +361,6 @@ def test_cli_builds_packed_data(llama3_tokenizer_path, tmp_path, capsys):
     assert f"are longer than --seq-length 64 (truncated); the longest has {stats['longest_sample']} positions, " \
            f"--seq-length {whole_sample_seq_length(stats['longest_sample'])} keeps every sample whole" in err
     bad = _write_jsonl(tmp_path / "bad.jsonl", [{"prompt": 1, "response": "x"}])
-    assert cli.main(["--input", str(bad), "--tokenizer-model", str(llama3_tokenizer_path), "--output-prefix",
-                     str(tmp_path / "bad")]) == 1
+    assert run_tool(cli.main, ["--input", str(bad), "--tokenizer-model", str(llama3_tokenizer_path),
+                               "--output-prefix", str(tmp_path / "bad")]) == 1
     assert "bad.jsonl:1: field 'response'" in capsys.readouterr().err

@@ -15,12 +15,20 @@ import pytest
 import soundfile as sf
 import torch
 
-from megatron_cslm.fileio import DataError
 from megatron_cslm.data.chunking import unit_runs
-from megatron_cslm.speech.units import (REJECT_REASONS, AudioLimits, AudioRejected, UnitExtractor,
-                                        load_s3_state_dict, read_audio, read_manifest, to_16k, tokenize_manifest)
+from megatron_cslm.fileio import DataError
+from megatron_cslm.speech import (
+    REJECT_REASONS,
+    AudioLimits,
+    AudioRejected,
+    UnitExtractor,
+    load_s3_state_dict,
+    read_audio,
+    to_16k,
+)
+from megatron_cslm.speech.sharded import tokenize_speech
+from megatron_cslm.speech.sources import SpeechManifestSource, read_speech_manifest
 from tests.distributed import BELLE_DIR as BELLE
-
 
 
 def load_tool(name: str):
@@ -44,6 +52,11 @@ def extractor() -> UnitExtractor:
     return UnitExtractor("speech_tokenizer_v1", random_init=True)
 
 
+def tokenize_manifest(manifest, output, extractor, **options) -> dict:
+    """One process over a TSV/JSONL manifest: parts, then the merged output."""
+    return tokenize_speech(SpeechManifestSource(manifest), output, extractor, **options)
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
@@ -51,7 +64,7 @@ def read_jsonl(path: Path) -> list[dict]:
 @pytest.mark.timeout(120)
 def test_50_units_per_second_on_16k_and_22k_speech(assets, extractor, tmp_path):
     clips = [(p.stem, str(p), "", "zh") for p in assets]
-    if BELLE.exists():  # the authors' benchmark audio (22.05 kHz), with its transcripts
+    if BELLE is not None:  # opt-in (BELLE_EVAL_S2S): the authors' benchmark audio (22.05 kHz), with transcripts
         rows = [line.split("\t") for line in (BELLE / "test.tsv").read_text(encoding="utf-8").splitlines()[1:4]]
         clips += [(f"belle-{i}", str(BELLE / "wav" / f"{i}.wav"), text, "zh") for i, text in rows]
     manifest = tmp_path / "m.jsonl"
@@ -97,11 +110,12 @@ def test_rejects_counts_and_resume(assets, extractor, tmp_path):
     assert (stats["read"], stats["written"]) == (7, 2)
     assert stats["skipped"] == {"truncated": 1, "silent": 1, "wrong_format": 1, "too_short": 1, "unreadable": 1}
     rejects = [line.split("\t") for line in (out.parent / "units.jsonl.rejects.tsv").read_text().splitlines()]
-    assert rejects[0] == ["id", "path", "reason", "detail"]
+    assert rejects[0] == ["id", "audio", "reason", "detail"]
     assert {(r[0], r[2]) for r in rejects[1:]} == {("truncated", "truncated"), ("silent", "silent"),
                                                     ("text", "wrong_format"), ("short", "too_short"),
                                                     ("missing", "unreadable")}
-    assert all(r[1] == str(tmp_path / f"{r[0]}.wav") for r in rejects[1:])
+    assert all(r[1] == f"{r[0]}.wav" for r in rejects[1:])  # as the manifest names it
+    assert [r[0] for r in rejects[1:]] == ["truncated", "silent", "text", "short", "missing"]  # input order
     recs = {r["id"]: r for r in read_jsonl(out)}
     assert set(recs) == {"good", "stereo"}
     assert abs(len(recs["stereo"]["units"]) - 50 * sf.info(assets[1]).duration) <= 1
@@ -116,8 +130,9 @@ def test_rejects_counts_and_resume(assets, extractor, tmp_path):
     assert stats["already_done"] == 2 and (stats["read"], stats["written"]) == (6, 2)
     assert sum(stats["skipped"].values()) == 4
     recs = read_jsonl(out)
-    assert [r["id"] for r in recs] == ["good", "stereo", "silent", "new"]
+    assert [r["id"] for r in recs] == ["good", "silent", "stereo", "new"]  # merged in input order
     assert recs[3]["units"] == recs[0]["units"] and recs[3]["text"] == "" and recs[3]["lang"] == ""
+    assert not (out.parent / "units.jsonl.parts").exists()
     assert set(stats["skipped"]) <= set(REJECT_REASONS)
 
     # Resuming with another tokenizer would silently mix two unit vocabularies.
@@ -180,28 +195,30 @@ def test_manifest_errors_are_located(tmp_path):
     bad = tmp_path / "m.tsv"
     bad.write_text("a\tx.wav\nb\n")
     with pytest.raises(DataError, match=r"m.tsv:2: expected 2-4 tab-separated columns"):
-        read_manifest(bad)
+        read_speech_manifest(bad)
     dup = tmp_path / "m.jsonl"
     dup.write_text('{"id": "a", "audio": "x.wav"}\n{"id": "a", "audio": "y.wav"}\n{"audio": 1}\n')
     with pytest.raises(DataError, match=r"m.jsonl:2: field 'id' duplicate id 'a' \(first on line 1\)"):
-        read_manifest(dup)
+        read_speech_manifest(dup)
     dup.write_text('{"id": 3, "audio": 5}\n')
     with pytest.raises(DataError, match=r"m.jsonl:1: field 'audio' expected str, got int"):
-        read_manifest(dup)
+        read_speech_manifest(dup)
 
 
 @pytest.mark.timeout(120)
-def test_cli(assets, tmp_path, capsys):
+def test_cli(assets, tmp_path, capsys, caplog):
     manifest = tmp_path / "m.tsv"
     manifest.write_text(f"a\t{assets[0]}\thello\ten\n")
     load_tool("tokenize_speech").main(["--manifest", str(manifest), "--output", str(tmp_path / "u.jsonl"),
                                        "--random-init", "--device", "cpu", "--dedup", "--workers", "0"])
     out = capsys.readouterr()
-    assert "RANDOMLY INITIALISED" in out.err and json.loads(out.out)["written"] == 1
+    assert "RANDOMLY INITIALISED" in caplog.text and json.loads(out.out)["written"] == 1
     rec = read_jsonl(tmp_path / "u.jsonl")[0]
     assert rec["id"] == "a" and sum(rec["durations"]) == rec["num_frames"] == 210
 
 
-def test_benchmark_list_without_audio_column_is_refused_by_name():
+def test_benchmark_list_without_audio_column_is_refused_by_name(tmp_path):
+    benchmark_list = tmp_path / "test.tsv"  # the BELLE-eval-S2S layout: questions, audio in wav/<id>.wav
+    benchmark_list.write_text("id\ttext\n0\t中国有多少个省？\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"test.tsv:1: field 'audio' header \['id', 'text'\] has no 'audio'"):
-        read_manifest(BELLE / "test.tsv")
+        read_speech_manifest(benchmark_list)

@@ -5,7 +5,9 @@ import random
 
 import pytest
 
-from megatron_cslm.text.tokenizer import Segment, SegmentError, SpecialTokens, SpeechTextTokenizer
+from megatron_cslm.errors import CslmError
+from megatron_cslm.fileio import DataError
+from megatron_cslm.text.tokenizer import Segment, SpecialTokens, SpeechTextTokenizer
 
 from conftest import EN, ZH
 
@@ -97,10 +99,13 @@ def test_hf_autotokenizer_parity(speech_tokenizer, tmp_path):
     assert rendered == ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi <sosp><1><eosp><|eot_id|>"
                         "<|start_header_id|>assistant<|end_header_id|>\n\n")
     # from_pretrained restores the same object, and a plain load() of the directory does too.
+    # The saved directory holds the units in its vocabulary: nothing is appended when it is read back.
     again = SpeechTextTokenizer.from_pretrained(tmp_path)
-    assert (again.base_vocab_size, again.vocab_size, again.eod_id) == (tok.base_vocab_size, tok.vocab_size, tok.eod_id)
+    assert (again.base_vocab_size, again.vocab_size, again.eod_id) == (tok.vocab_size, tok.vocab_size, tok.eod_id)
+    assert again.layout == tok.layout and again.special_ids == tok.special_ids
+    assert again.identity() == tok.identity()
     assert again.encode_text(texts[2]) == tok.encode_text(texts[2])
-    with pytest.raises(ValueError, match="saved with 4096 units"):
+    with pytest.raises(DataError, match="holds 4096 units, but num_units is 1024"):
         SpeechTextTokenizer.load(tmp_path, num_units=1024)
 
 
@@ -108,16 +113,35 @@ def test_hf_autotokenizer_parity(speech_tokenizer, tmp_path):
 def test_errors_name_the_segment(speech_tokenizer):
     tok = speech_tokenizer
     cases = [([{"text": "a"}, {"units": [1, 4096]}], "segments[1].units", "out of range"),
-             ([{"units": [1.5]}], "segments[0].units", "integers"),
+             ([{"units": [1.5]}], "segments[0].units", "not an integer"),
              ([{"units": []}], "segments[0].units", "non-empty"),
              ([{"text": ""}], "segments[0].text", "non-empty"),
              ([{"txt": "a"}], "segments[0]", "'text' or a 'units'"),
              (["a"], "segments[0]", "expected an object")]
     for segs, field, msg in cases:
-        with pytest.raises(SegmentError, match=msg) as e:
+        with pytest.raises(CslmError, match=msg) as e:
             tok.encode_segments(segs)
         assert e.value.field == field
     with pytest.raises(ValueError, match="out of range"):
         tok.decode([tok.vocab_size])
     with pytest.raises(ValueError, match="out of range"):
         tok.encode_units([-1])
+
+
+@pytest.mark.timeout(60)
+def test_cache_of_an_older_save_is_checked_against_the_vocabulary(sp_model_path, tmp_path):
+    """cslm_tokenizer.json written before the layout was read from the vocabulary (format 1: units at
+    base_vocab_size + k) still loads, and a cache that disagrees stops naming both values."""
+    import json
+
+    from megatron_cslm.text.tokenizer import META_FILE
+
+    tok = SpeechTextTokenizer(sp_model_path, num_units=50)
+    tok.save_pretrained(tmp_path)
+    old = {"format": 1, "num_units": 50, "specials": json.loads((tmp_path / META_FILE).read_text())["specials"],
+           "base_vocab_size": 300, "text_tokenizer": "tokenizer.model"}
+    (tmp_path / META_FILE).write_text(json.dumps(old))
+    assert SpeechTextTokenizer.from_pretrained(tmp_path).layout == tok.layout
+    (tmp_path / META_FILE).write_text(json.dumps({**old, "base_vocab_size": 299}))
+    with pytest.raises(DataError, match="says 353 ids, the vocabulary has 354"):
+        SpeechTextTokenizer.from_pretrained(tmp_path)

@@ -7,8 +7,18 @@ import pytest
 
 from megatron_cslm.data.chunking import dedup_units, split_pieces
 from megatron_cslm.data.documents import guess_lang
-from megatron_cslm.toy.corpus import (ASSISTANT_SPEAKER, PAUSE_MARKS, SILENCE_UNIT, TOY_UNIT_RANGE, ToySpeech,
-                                      bare_word, make_toy_corpus, parallel_sentences, qa_pairs)
+from megatron_cslm.toy.corpus import (
+    ASSISTANT_SPEAKER,
+    PAUSE_MARKS,
+    SILENCE_UNIT,
+    TOY_UNIT_RANGE,
+    ToySpeech,
+    bare_word,
+    make_toy_corpus,
+    parallel_sentences,
+    qa_pairs,
+)
+from tests.distributed import load_tool
 
 FILES = ("manifest.jsonl", "parallel.jsonl", "instruct.jsonl", "dialogue_sft.jsonl", "info.json")
 
@@ -141,13 +151,7 @@ def test_parallel_instruct_and_dialogue_formats(toy):
 
 
 def test_cli(tmp_path, capsys):
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "make_toy_corpus", Path(__file__).parents[1] / "tools" / "make_toy_corpus.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_tool("make_toy_corpus")
     assert cli.main(["--out", str(tmp_path), "--num-units", "100", "--speakers", "2", "--seed", "7"]) == 0
     assert "SYNTHETIC" in capsys.readouterr().out
     info = json.loads((tmp_path / "info.json").read_text(encoding="utf-8"))

@@ -1,33 +1,7 @@
 #!/usr/bin/env python
-"""Train the quickstart's small text tokenizer on a toy corpus and save it as a SpeechTextTokenizer.
-
-    python tools/make_toy_tokenizer.py --corpus runs/quickstart/corpus --out runs/quickstart/tokenizer
-
-The text part is a real Hugging Face byte-level BPE tokenizer.json with Llama-3's special tokens (so the chat
-template, export and AutoTokenizer work as with Meta's), just 1,024 ids instead of 128,256 so a CPU model
-can afford the softmax. Real runs use Meta's tokenizer directory instead.
-"""
-import argparse
-import tempfile
-
-from megatron_cslm.text.tokenizer import SpeechTextTokenizer
-from megatron_cslm.toy.tokenizer import toy_texts, train_toy_text_tokenizer
-
-
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--corpus", required=True, help="directory written by tools/make_toy_corpus.py")
-    p.add_argument("--out", required=True, help="output SpeechTextTokenizer directory")
-    p.add_argument("--vocab-size", type=int, default=1024, help="text BPE vocabulary size (ids)")
-    p.add_argument("--num-units", type=int, default=512, help="speech units added after the text vocabulary")
-    args = p.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        train_toy_text_tokenizer(toy_texts(args.corpus), tmp, args.vocab_size)
-        tokenizer = SpeechTextTokenizer(tmp, num_units=args.num_units)
-        tokenizer.save_pretrained(args.out)
-    print(f"saved {args.out}: {tokenizer.base_vocab_size} text ids + {args.num_units} units + 4 specials "
-          f"= {tokenizer.vocab_size}")
-
+"""`cslm make-toy-tokenizer` as a script (the code is megatron_cslm/cli/make_toy_tokenizer.py; see its --help)."""
+from megatron_cslm.cli import run_tool
+from megatron_cslm.cli.make_toy_tokenizer import main
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_tool(main))

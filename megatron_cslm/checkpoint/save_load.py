@@ -5,7 +5,10 @@
     <dir>/latest_checkpointed_iteration.txt        written last, atomically
 
 A save goes to `iter_XXXXXXX.tmp` and is renamed only after every rank finished, so a job killed mid-save
-leaves a `.tmp` directory that resume never picks. Global tensors make checkpoints loadable at any TP/PP.
+leaves a `.tmp` directory that resume never picks. Asynchronous saves (`AsyncCheckpointer`, megatron-core's
+`async_sharded_save` + `AsyncCallsQueue`) keep that invariant: the rename and the tracker are the save's
+finalize step, which megatron-core runs only once the background writers of *all* ranks are done. Global tensors
+make checkpoints loadable at any TP/PP.
 """
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_cslm.compat import init_optimizer_state
+from megatron_cslm.errors import CslmError
 from megatron_cslm.fileio import atomic_open
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -40,10 +45,12 @@ def latest_iteration(root: str | os.PathLike) -> int | None:
     try:
         iteration = int(text)
     except ValueError as e:
-        raise ValueError(f"{tracker}: expected an iteration number, found {text!r}") from e
+        raise CslmError(tracker, 1, None, f"expected an iteration number, found {text!r}", kind="checkpoint",
+                        reason="corrupt") from e
     path = iteration_dir(root, iteration)
     if not (path / "metadata.json").exists():
-        raise FileNotFoundError(f"{tracker} names iteration {iteration} but {path} is missing or incomplete")
+        raise CslmError(tracker, 1, None, f"names iteration {iteration} but {path} is missing or incomplete",
+                        kind="checkpoint", reason="missing")
     return iteration
 
 
@@ -91,7 +98,7 @@ def _materialize_optimizer_state(optimizer) -> None:
     overwritten by the load)."""
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         if not opt.optimizer.state:
-            opt._init_optimizer_states_with_dummy_values()
+            init_optimizer_state(opt)  # private megatron-core API, wrapped in compat.py
 
 
 def _restore_adam_steps(optimizer, loaded: dict | list) -> None:
@@ -110,8 +117,13 @@ def _restore_adam_steps(optimizer, loaded: dict | list) -> None:
 
 
 def save_checkpoint(root: str | os.PathLike, iteration: int, model: list, optimizer, scheduler,
-                    common: dict) -> Path:
-    """Collective save. `common` (iteration, consumed samples, args) must be identical on every rank."""
+                    common: dict, async_queue=None) -> Path:
+    """Collective save. `common` (iteration, consumed samples, args) must be identical on every rank.
+
+    With `async_queue` (a megatron-core `AsyncCallsQueue`, see `AsyncCheckpointer`) the tensor payload is
+    written by a background process and this returns once it is scheduled; the rename to `iter_XXXXXXX`
+    and the tracker happen in a finalize step that megatron-core runs only after every rank's writer
+    finished. A crash before that leaves `iter_XXXXXXX.tmp` and the previous tracker."""
     from megatron.core import dist_checkpointing
 
     rank = dist.get_rank()
@@ -122,19 +134,60 @@ def save_checkpoint(root: str | os.PathLike, iteration: int, model: list, optimi
         tmp.mkdir(parents=True)
     dist.barrier()
     common = {**common, "optimizer_saved": optimizer is not None}
-    dist_checkpointing.save(_sharded_state(model, optimizer, scheduler, common), str(tmp))
+    request = dist_checkpointing.save(_sharded_state(model, optimizer, scheduler, common), str(tmp),
+                                      async_sharded_save=async_queue is not None)
     (tmp / "extra_state").mkdir(exist_ok=True)
     with atomic_open(tmp / "extra_state" / f"rank_{rank:05d}.pt", "wb") as f:
         torch.save(_rng_state(), f)
-    dist.barrier()
-    if rank == 0:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        with atomic_open(Path(root) / TRACKER) as f:
-            f.write(f"{iteration}\n")
-    dist.barrier()
+
+    def publish() -> None:  # every rank's files are complete: make the save visible to resume
+        dist.barrier()
+        if rank == 0:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            with atomic_open(Path(root) / TRACKER) as f:
+                f.write(f"{iteration}\n")
+        dist.barrier()
+
+    if request is None:
+        publish()
+    else:
+        request.add_finalize_fn(publish)
+        async_queue.schedule_async_request(request)
     return final
+
+
+class AsyncCheckpointer:
+    """Owns megatron-core's queue of asynchronous saves (`--async-save`).
+
+    Every method is collective (megatron-core agrees across ranks on which saves are done). `poll()` once per
+    step publishes saves that finished; `wait()` blocks until all are published (before another save, on
+    a signal, at the end of training). One save in flight at a time, like Megatron-LM: a new save first
+    waits for the previous one, so a slow filesystem never piles up copies of the state."""
+
+    def __init__(self):
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        self.queue = AsyncCallsQueue(persistent=False)
+
+    @property
+    def pending(self) -> int:
+        return self.queue.get_num_unfinalized_calls()
+
+    def save(self, root, iteration: int, model: list, optimizer, scheduler, common: dict) -> Path:
+        self.wait()
+        return save_checkpoint(root, iteration, model, optimizer, scheduler, common, async_queue=self.queue)
+
+    def poll(self) -> list[int]:
+        return self.queue.maybe_finalize_async_calls(blocking=False)
+
+    def wait(self) -> list[int]:
+        return self.queue.maybe_finalize_async_calls(blocking=True)
+
+    def close(self) -> None:
+        self.wait()
+        self.queue.close()
 
 
 def load_checkpoint(root: str | os.PathLike, iteration: int, model: list, optimizer, scheduler,

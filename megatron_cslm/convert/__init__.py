@@ -8,8 +8,8 @@
 Supporting modules: `layout` (names and fused layouts), `safetensors_io` and `dist_ckpt` (tensor-at-a-time
 readers and writers), `vocab` (rows for new and padding ids); `megatron_cslm.checkpoint.manifest` is cslm_model.json.
 """
-from megatron_cslm.convert.hf_to_megatron import convert_hf_to_megatron
 from megatron_cslm.checkpoint.manifest import ModelManifest
+from megatron_cslm.convert.hf_to_megatron import convert_hf_to_megatron
 from megatron_cslm.convert.megatron_to_hf import convert_megatron_to_hf
 
 __all__ = ["ModelManifest", "convert_hf_to_megatron", "convert_megatron_to_hf"]

@@ -27,10 +27,17 @@ from typing import Any, Sequence
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION, FileSystemReader, _StorageInfo
-from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
-                                                   MetadataIndex, StorageMeta, TensorProperties,
-                                                   TensorStorageMetadata)
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
 
+from megatron_cslm.errors import CslmError
 from megatron_cslm.fileio import DataError, atomic_open
 
 DATA_FILE = "__0_0.distcp"
@@ -124,18 +131,28 @@ class DistCheckpointReader:
         self.directory = Path(directory)
         config = self.directory / "metadata.json"
         if not config.exists():
-            raise FileNotFoundError(f"{config} not found: {self.directory} is not a megatron-core dist_checkpointing "
-                                    "checkpoint (or was not saved completely)")
-        backend = json.loads(config.read_text()).get("sharded_backend")
+            raise CslmError(config, None, None, f"not found: {self.directory} is not a megatron-core "
+                            "dist_checkpointing checkpoint (or was not saved completely)", kind="checkpoint",
+                            reason="missing")
+        try:
+            backend = json.loads(config.read_text()).get("sharded_backend")
+        except (json.JSONDecodeError, AttributeError, UnicodeDecodeError) as e:
+            raise CslmError(config, None, None, f"unreadable ({e})", kind="checkpoint", reason="corrupt") from e
         if backend != "torch_dist":
-            raise DataError(config, None, "sharded_backend", f"is {backend!r}; only 'torch_dist' is supported")
+            raise DataError(config, None, "sharded_backend", f"is {backend!r}; only 'torch_dist' is supported",
+                            kind="checkpoint")
         self._reader = FileSystemReader(str(self.directory))
-        self.metadata = self._reader.read_metadata()
+        try:
+            self.metadata = self._reader.read_metadata()
+        except Exception as e:  # a truncated or corrupt .metadata pickle: name it
+            raise CslmError(self.directory / ".metadata", None, None, f"unreadable ({type(e).__name__}: {e})",
+                            kind="checkpoint", reason="corrupt") from e
 
     def tensor_meta(self, key: str) -> TensorStorageMetadata:
         md = self.metadata.state_dict_metadata.get(key)
         if not isinstance(md, TensorStorageMetadata):
-            raise DataError(self.directory / ".metadata", None, key, "tensor missing from the checkpoint")
+            raise DataError(self.directory / ".metadata", None, key, "tensor missing from the checkpoint",
+                            kind="checkpoint")
         return md
 
     def read(self, regions: dict[str, tuple[Sequence[int], Sequence[int]]]) -> dict[str, torch.Tensor]:
@@ -145,7 +162,12 @@ class DistCheckpointReader:
             md = self.tensor_meta(key)
             buffers[key] = torch.empty(tuple(shape), dtype=md.properties.dtype)
             targets[key] = _region(key, buffers[key], md.size, offset)
-        dcp.load(targets, storage_reader=self._reader, no_dist=True)
+        try:
+            dcp.load(targets, storage_reader=self._reader, no_dist=True)
+        except Exception as e:  # a truncated or corrupt data file: name the checkpoint and the tensors read
+            names = ", ".join(list(regions)[:3]) + (" ..." if len(regions) > 3 else "")
+            raise CslmError(self.directory, None, names, f"unreadable tensor data ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''})", kind="checkpoint", reason="corrupt") from e
         gc.collect(1)  # free the loaded chunks now (torch.load leaves reference cycles that pin them)
         return buffers
 

@@ -1,9 +1,10 @@
 """HF Llama checkpoint -> megatron-core `dist_checkpointing` run directory, optionally adding speech units.
 
 Streams: one HF tensor group (the embeddings, one decoder layer, the head) is in memory at a time, so the
-peak is about one embedding matrix above the interpreter's own footprint (~2 GiB RSS for Llama-3.1-8B). The output loads at
-any TP x PP (see `layout`); `--tp` only sets the vocabulary padding (128 x TP) and is checked against the
-head counts, `--pp` is checked against the layer count.
+peak is about one embedding matrix above the interpreter's own footprint (~2 GiB RSS for Llama-3.1-8B). The
+output loads at any TP x PP (see `layout`); `--tp` only sets the vocabulary padding (128 x TP) and is checked
+against the head counts, `--pp` is checked against the layer count. A tokenizer that already holds speech units
+(a released speech LM) is read, never expanded a second time: `--expand-vocab` on it stops.
 
 Output (Megatron-LM layout; the tracker is written last, so a crashed conversion is never picked up):
 
@@ -18,32 +19,40 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from megatron_cslm.checkpoint.manifest import ModelManifest, copy_notices
+from megatron_cslm.checkpoint.save_load import TRACKER, iteration_dir
 from megatron_cslm.convert.dist_ckpt import DistCheckpointWriter
-from megatron_cslm.convert.layout import (EMBEDDING, EXTRA_STATE_MODULES, FINAL_NORM, OUTPUT, extra_state_key,
-                                          hf_layer_names, hf_layer_to_megatron, hf_tensor_specs)
-from megatron_cslm.checkpoint.manifest import ModelManifest
+from megatron_cslm.convert.layout import (
+    EMBEDDING,
+    EXTRA_STATE_MODULES,
+    FINAL_NORM,
+    OUTPUT,
+    extra_state_key,
+    hf_layer_names,
+    hf_layer_to_megatron,
+    hf_tensor_specs,
+)
 from megatron_cslm.convert.safetensors_io import HFCheckpoint
 from megatron_cslm.convert.vocab import tail_rows
+from megatron_cslm.errors import CslmError
 from megatron_cslm.fileio import DataError, atomic_open
 from megatron_cslm.models.llama import LlamaArch, check_parallel_fit, padded_vocab_size
-from megatron_cslm.text.tokenizer import META_FILE, SpeechTextTokenizer
-from megatron_cslm.checkpoint.save_load import TRACKER, iteration_dir
+from megatron_cslm.text.tokenizer import CHAT_TEMPLATE_FILE, META_FILE, SpeechTextTokenizer
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", META_FILE)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   CHAT_TEMPLATE_FILE, META_FILE)
 
 
-def text_vocab_size(tokenizer_dir: str | Path) -> int:
-    """Number of ids a HF tokenizer.json (added tokens included) or SentencePiece model defines."""
-    path = Path(tokenizer_dir)
-    if (path / "tokenizer.json").exists():
-        from tokenizers import Tokenizer
-
-        return Tokenizer.from_file(str(path / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
-    if (path / "tokenizer.model").exists():
-        import sentencepiece as spm
-
-        return spm.SentencePieceProcessor(model_file=str(path / "tokenizer.model")).get_piece_size()
-    raise FileNotFoundError(f"{path}: no tokenizer.json or tokenizer.model (pass --tokenizer DIR)")
+def expansion_tokenizer(tokenizer_dir: str | Path, num_units: int) -> SpeechTextTokenizer:
+    """The tokenizer `--expand-vocab` appends units and specials to; refused when it already speaks units
+    (a second unit set would silently give the model two ids per unit)."""
+    speech = SpeechTextTokenizer(tokenizer_dir)  # reads units and specials when the vocabulary has them
+    if speech.units_in_vocabulary:
+        raise DataError(tokenizer_dir, None, "--expand-vocab",
+                        f"the tokenizer already holds speech units ({speech.layout.describe()}, <sosp> at id "
+                        f"{speech.sosp_id}), so the checkpoint is already expanded: convert it without --expand-vocab",
+                        kind="compat", reason="incompatible")
+    return speech if speech.num_units == num_units else SpeechTextTokenizer(tokenizer_dir, num_units)
 
 
 def _write_rows(writer: DistCheckpointWriter, key: str, weight: torch.Tensor, new_count: int, padded: int,
@@ -92,8 +101,10 @@ def convert_hf_to_megatron(hf_dir: str | Path, out: str | Path, *, tensor_parall
     arch = LlamaArch.from_hf_config(hf_dir)
     check_parallel_fit(arch, tensor_parallel_size, pipeline_parallel_size)
     tokenizer_dir = Path(tokenizer) if tokenizer is not None else hf_dir
-    speech = SpeechTextTokenizer(tokenizer_dir, num_units) if expand_vocab else None
-    base = speech.base_vocab_size if speech else text_vocab_size(tokenizer_dir)
+    speech = expansion_tokenizer(tokenizer_dir, num_units) if expand_vocab else None
+    # Reading the tokenizer also validates a unit set it already holds (partial, duplicated: refused here,
+    # before any tensor is written).
+    base = (speech or SpeechTextTokenizer(tokenizer_dir)).base_vocab_size
     if base != arch.vocab_size:
         hint = " (already expanded? convert it without --expand-vocab)" if speech and base < arch.vocab_size else ""
         raise DataError(hf_dir / "config.json", None, "vocab_size",
@@ -107,7 +118,8 @@ def convert_hf_to_megatron(hf_dir: str | Path, out: str | Path, *, tensor_parall
     checkpoint.check({s.name: s.shape for s in hf_tensor_specs(arch)}, allowed_extra=extra)
     final = iteration_dir(out, 0)
     if (out / TRACKER).exists() or final.exists():
-        raise FileExistsError(f"{out} already holds a checkpoint; choose a new --out directory")
+        raise CslmError(out, None, None, "already holds a checkpoint; choose a new --out directory", kind="io",
+                        reason="output_exists")
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -127,7 +139,10 @@ def convert_hf_to_megatron(hf_dir: str | Path, out: str | Path, *, tensor_parall
         for name in TOKENIZER_FILES:
             if (tokenizer_dir / name).exists():
                 shutil.copyfile(tokenizer_dir / name, out / "tokenizer" / name)
-    manifest = ModelManifest(arch.with_vocab(vocab), padded, "tokenizer")
+    copy_notices(hf_dir, out)  # LICENSE, USE_POLICY...: they travel with the weights into every export
+    manifest = ModelManifest(arch.with_vocab(vocab), padded, "tokenizer", base_model=hf_dir.resolve().name,
+                             lineage=({"stage": "convert", "from": str(hf_dir.resolve()),
+                                       "expand_vocab": bool(speech), "num_units": num_units if speech else None},))
     manifest.save(out)
     with atomic_open(out / TRACKER) as f:
         f.write("0\n")

@@ -8,24 +8,36 @@ Llama-3.1 chat template) is copied alongside.
 """
 from __future__ import annotations
 
+import shlex
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from megatron_cslm.checkpoint.manifest import ModelManifest, resolve_checkpoint
+from megatron_cslm.checkpoint.save_load import iteration_dir
 from megatron_cslm.convert.dist_ckpt import DistCheckpointReader
 from megatron_cslm.convert.hf_to_megatron import TOKENIZER_FILES
-from megatron_cslm.convert.layout import (EMBEDDING, FINAL_NORM, LAYER_KEYS, OUTPUT, hf_layer_names,
-                                          hf_tensor_specs, megatron_layer_shapes, megatron_layer_to_hf)
-from megatron_cslm.checkpoint.manifest import ModelManifest, resolve_checkpoint
+from megatron_cslm.convert.layout import (
+    EMBEDDING,
+    FINAL_NORM,
+    LAYER_KEYS,
+    OUTPUT,
+    hf_layer_names,
+    hf_tensor_specs,
+    megatron_layer_shapes,
+    megatron_layer_to_hf,
+)
 from megatron_cslm.convert.safetensors_io import INDEX_FILE, ShardedSafetensorsWriter
+from megatron_cslm.errors import CslmError
 from megatron_cslm.fileio import DataError, write_json
 from megatron_cslm.models.llama import LlamaArch
-from megatron_cslm.checkpoint.save_load import iteration_dir
+from megatron_cslm.text.chat import EOT
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-TURN_END = "<|eot_id|>"
+TURN_END = EOT
 
 
 def check_shapes(reader: DistCheckpointReader, arch: LlamaArch, padded_vocab: int) -> None:
@@ -78,12 +90,49 @@ def write_configs(out: Path, arch: LlamaArch, dtype: torch.dtype) -> None:
     stops = list(dict.fromkeys(i for i in (tokenizer.eos_token_id, turn_end) if i is not None))
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": stops if len(stops) > 1 else next(iter(stops), None)}
     write_json(out / "config.json", arch.to_hf_config(torch_dtype=str(dtype).removeprefix("torch."), **ids))
-    write_json(out / "generation_config.json", {"_from_model_config": False, **ids})
+    write_json(out / "generation_config.json", {"_from_model_config": False, **ids, **intended_sampling()})
+
+
+def intended_sampling() -> dict:
+    """The sampling the model is meant to be decoded with: the CSLM authors' (inference/sampling.py defaults)."""
+    from megatron_cslm.inference.sampling import SamplingConfig
+
+    sampling = SamplingConfig()
+    return {"do_sample": sampling.temperature > 0, "temperature": sampling.temperature, "top_p": sampling.top_p}
+
+
+def write_hub_files(out: Path, run_dir: Path, iteration: int, manifest: ModelManifest, tokenizer_dir: Path,
+                    command: str) -> list[str]:
+    """Licence/notice files, `chat_template.jinja` and the README.md model card; returns the notices copied."""
+    import json
+
+    from megatron_cslm.checkpoint.manifest import copy_notices, read_common_state
+    from megatron_cslm.convert.model_card import model_card
+    from megatron_cslm.text.tokenizer import CHAT_TEMPLATE_FILE, META_FILE, SpeechTextTokenizer
+
+    notices = copy_notices(run_dir, out)
+    speech_tokenizer = (tokenizer_dir / META_FILE).exists() or SpeechTextTokenizer(tokenizer_dir).units_in_vocabulary
+    # a checkpoint converted without --expand-vocab from a text-only model exports as one: the card says so
+    tokenizer = SpeechTextTokenizer.from_pretrained(tokenizer_dir) if speech_tokenizer else None
+    config_path = out / "tokenizer_config.json"
+    if config_path.exists() and not (out / CHAT_TEMPLATE_FILE).exists():
+        # the hub's layout (transformers >= 4.43 saves it so): the template in its own file, not in the config
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        if isinstance(config.get("chat_template"), str):
+            (out / CHAT_TEMPLATE_FILE).write_text(config.pop("chat_template"), encoding="utf-8")
+            write_json(config_path, config)
+    generation = json.loads((out / "generation_config.json").read_text(encoding="utf-8"))
+    card = model_card(manifest, final_args=read_common_state(run_dir, iteration).get("args", {}), tokenizer=tokenizer,
+                      generation=generation, notices=notices, export_command=command)
+    (out / "README.md").write_text(card, encoding="utf-8")
+    return notices
 
 
 def convert_megatron_to_hf(megatron_dir: str | Path, out: str | Path, *, dtype: str = "bf16",
-                           max_shard_bytes: int = 5 * 10**9, progress: bool = True) -> ModelManifest:
-    """Export a run directory (latest iteration) or one iter_* directory to a new HF directory `out`."""
+                           max_shard_bytes: int = 5 * 10**9, progress: bool = True,
+                           command: str | None = None) -> ModelManifest:
+    """Export a run directory (latest iteration) or one iter_* directory to a new HF directory `out`, ready
+    for the hub: weights, configs, tokenizer + chat template, licence/notice files and a model card."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     run_dir, iteration = resolve_checkpoint(megatron_dir)
@@ -93,15 +142,18 @@ def convert_megatron_to_hf(megatron_dir: str | Path, out: str | Path, *, dtype: 
     check_shapes(reader, arch, manifest.padded_vocab_size)
     tokenizer_dir = manifest.tokenizer_dir(run_dir)
     if not tokenizer_dir.is_dir():
-        raise FileNotFoundError(f"{tokenizer_dir}: tokenizer directory named by {run_dir}/cslm_model.json not found")
+        raise CslmError(run_dir / "cslm_model.json", None, "tokenizer", f"names {tokenizer_dir}, which is not a "
+                        "directory", kind="checkpoint", reason="missing")
     out = Path(out)
     if (out / INDEX_FILE).exists() or (out / "config.json").exists():
-        raise FileExistsError(f"{out} already holds a HF checkpoint; choose a new --out directory")
+        raise CslmError(out, None, None, "already holds a HF checkpoint; choose a new --out directory", kind="io",
+                        reason="output_exists")
 
     write_weights(reader, arch, out, DTYPES[dtype], max_shard_bytes, progress)
     for name in TOKENIZER_FILES:
         if (tokenizer_dir / name).exists():
             shutil.copyfile(tokenizer_dir / name, out / name)
     write_configs(out, arch, DTYPES[dtype])
+    write_hub_files(out, run_dir, iteration, manifest, tokenizer_dir, command or shlex.join(sys.argv))
     return manifest
 

@@ -17,6 +17,7 @@ from typing import Sequence
 import torch
 from safetensors import safe_open
 
+from megatron_cslm.errors import CslmError
 from megatron_cslm.fileio import DataError, atomic_path, write_json
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -24,6 +25,32 @@ SINGLE_FILE = "model.safetensors"
 DTYPE_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 # Non-parameter buffers older transformers versions saved; they are recomputed from config.json.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def _checkpoint_error(shard: Path, tensor: str | None, error: Exception) -> CslmError:
+    return CslmError(shard, None, tensor, f"unreadable safetensors shard (truncated or corrupt?): {error}",
+                     kind="checkpoint", reason="corrupt_shard")
+
+
+@contextlib.contextmanager
+def open_shard(shard: Path, tensor: str | None = None):
+    """`safe_open(shard)`; a truncated or corrupt file raises a CslmError naming the shard (and `tensor`, the
+    one being read) instead of safetensors' own error, which names neither."""
+    try:
+        f = safe_open(shard, framework="pt")
+    except Exception as e:  # SafetensorError, OSError: safetensors raises several types for a bad header
+        raise _checkpoint_error(shard, tensor, e) from e
+    with f:
+        yield f
+
+
+def read_tensor(shard: Path, name: str) -> torch.Tensor:
+    """One tensor copied out of `shard`, or a CslmError naming the shard and the tensor."""
+    with open_shard(shard, name) as f:
+        try:
+            return f.get_tensor(name)
+        except Exception as e:  # data past the end of a truncated file, bad offsets
+            raise _checkpoint_error(shard, name, e) from e
 
 
 class HFCheckpoint:
@@ -37,27 +64,28 @@ class HFCheckpoint:
             try:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise DataError(index, None, "weight_map", f"not a safetensors index ({e})") from e
+                raise DataError(index, None, "weight_map", f"not a safetensors index ({e})", kind="checkpoint") from e
             missing = sorted({f for f in weight_map.values() if not (self.directory / f).exists()})
             if missing:
                 example = next(n for n, f in weight_map.items() if f == missing[0])
                 raise DataError(index, None, "weight_map",
                                 f"shard {missing[0]} (holding e.g. {example}) not found in {self.directory}"
-                                + (f"; {len(missing) - 1} more shards missing" if len(missing) > 1 else ""))
+                                + (f"; {len(missing) - 1} more shards missing" if len(missing) > 1 else ""),
+                                kind="checkpoint")
             self.weight_map: dict[str, str] = weight_map
         elif (self.directory / SINGLE_FILE).exists():
             self.source = self.directory / SINGLE_FILE
-            with safe_open(self.source, framework="pt") as f:
+            with open_shard(self.source) as f:
                 self.weight_map = {name: SINGLE_FILE for name in f.keys()}
         else:
-            raise FileNotFoundError(f"{self.directory}: no {SINGLE_FILE} or {INDEX_FILE} (expected a Hugging Face "
-                                    "safetensors checkpoint directory)")
+            raise CslmError(self.directory, None, None, f"no {SINGLE_FILE} or {INDEX_FILE} (expected a Hugging "
+                            "Face safetensors checkpoint directory)", kind="checkpoint", reason="missing")
 
     def check(self, expected: dict[str, tuple[int, ...]], allowed_extra: Sequence[str] = ()) -> None:
         """Fail before converting anything if a tensor is missing, unexpected or has the wrong shape."""
         for name in expected:
             if name not in self.weight_map:
-                raise DataError(self.source, None, name, "tensor missing from the checkpoint")
+                raise DataError(self.source, None, name, "tensor missing from the checkpoint", kind="checkpoint")
         extra = [n for n in self.weight_map if n not in expected and n not in allowed_extra
                  and not n.endswith(IGNORED_SUFFIXES)]
         if extra:
@@ -67,11 +95,12 @@ class HFCheckpoint:
         for name in expected:
             by_file.setdefault(self.weight_map[name], []).append(name)
         for file, names in by_file.items():
-            with safe_open(self.directory / file, framework="pt") as f:
+            with open_shard(self.directory / file) as f:
                 present = set(f.keys())
                 for name in names:
                     if name not in present:
-                        raise DataError(self.directory / file, None, name, "listed in the index but not in this shard")
+                        raise DataError(self.directory / file, None, name, "listed in the index but not in this shard",
+                                        kind="checkpoint")
                     shape = tuple(f.get_slice(name).get_shape())
                     if shape != tuple(expected[name]):
                         raise DataError(self.directory / file, None, name,
@@ -81,9 +110,8 @@ class HFCheckpoint:
     def get(self, name: str) -> torch.Tensor:
         """One tensor, copied out of its shard (the shard is closed again, releasing its mapping)."""
         if name not in self.weight_map:
-            raise DataError(self.source, None, name, "tensor missing from the checkpoint")
-        with safe_open(self.directory / self.weight_map[name], framework="pt") as f:
-            return f.get_tensor(name)
+            raise DataError(self.source, None, name, "tensor missing from the checkpoint", kind="checkpoint")
+        return read_tensor(self.directory / self.weight_map[name], name)
 
     @property
     def total_bytes(self) -> int:
@@ -101,7 +129,7 @@ def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
     return n * dtype.itemsize
 
 
-def plan_shards(specs: Sequence[tuple[str, tuple[int, ...]]], dtype: torch.dtype,
+def plan_safetensors_shards(specs: Sequence[tuple[str, tuple[int, ...]]], dtype: torch.dtype,
                 max_shard_bytes: int) -> list[list[tuple[str, tuple[int, ...]]]]:
     """Split tensors, in order, into shards of at most `max_shard_bytes` (a larger tensor gets its own)."""
     shards: list[list] = [[]]
@@ -129,7 +157,7 @@ class ShardedSafetensorsWriter:
             raise ValueError(f"unsupported safetensors dtype {dtype}; use one of {list(DTYPE_NAMES)}")
         self.directory = Path(directory)
         self.dtype = dtype
-        self.shards = plan_shards(specs, dtype, max_shard_bytes)
+        self.shards = plan_safetensors_shards(specs, dtype, max_shard_bytes)
         self._order = [(s, name, shape) for s, shard in enumerate(self.shards) for name, shape in shard]
         self._next = 0
         self._file = None

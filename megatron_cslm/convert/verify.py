@@ -11,7 +11,6 @@ knows the text ids, and prompts containing speech units are skipped for it.
 from __future__ import annotations
 
 import argparse
-
 import os
 import socket
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from typing import Sequence
 import torch
 
 from megatron_cslm.checkpoint.manifest import ModelManifest, resolve_checkpoint
+from megatron_cslm.cli import positive_float
 
 DEFAULT_PROMPTS = (
     "The capital of France is",
@@ -83,8 +83,8 @@ def megatron_logits(run_dir: Path, iteration: int, manifest: ModelManifest,
     """float32 logits [tokens, padded vocab] on the last pipeline stage (None elsewhere). Collective."""
     from megatron.core import parallel_state
 
-    from megatron_cslm.models.llama import PrecisionConfig, transformer_config
     from megatron_cslm.checkpoint.save_load import load_checkpoint
+    from megatron_cslm.models.llama import PrecisionConfig, transformer_config
     from megatron_cslm.training.setup import build_model
     from megatron_cslm.training.step import forward_logits
 
@@ -160,7 +160,7 @@ def add_verify_args(parser: argparse.ArgumentParser, hf_role: str) -> None:
     g.add_argument("--verify", action="store_true",
                    help=f"Compare logits of the {hf_role} HF model and the megatron-core model on a few prompts "
                         "(float32, TP=PP=1 in this process: needs RAM/GPU memory for two float32 copies).")
-    g.add_argument("--verify-atol", type=float, default=DEFAULT_ATOL,
+    g.add_argument("--verify-atol", type=positive_float, default=DEFAULT_ATOL,
                    help="Largest absolute logit difference accepted by --verify.")
 
 

@@ -18,8 +18,8 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-# Scripts written without spaces between words: each character counts as one word.
-_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ebef"
+from megatron_cslm.text.language import CJK as _CJK  # scripts without spaces: each character is one word
+
 # A piece is leading whitespace plus one word: a CJK character with any punctuation glued to it, or a run of
 # non-space, non-CJK characters; a trailing whitespace run is its own (silent) piece.
 _PIECE = re.compile(rf"\s*(?:[{_CJK}][^\s\w]*|[^\s{_CJK}]+)|\s+")
@@ -27,7 +27,7 @@ _SENTENCE_END = set(".!?;。！？；…")
 
 
 @dataclass(frozen=True)
-class Chunk:
+class AnswerChunk:
     """One answer chunk: its text (with leading whitespace) and the speech units that say it."""
 
     text: str
@@ -188,19 +188,19 @@ def check_words(words: Sequence[dict], n_units: int) -> None:
 
 
 def chunk_answer(text: str, units: Sequence[int], *, words: Sequence[dict] | None = None, target: int = 7,
-                 count: Callable[[str], int] = word_count, dedup: bool = False) -> list[Chunk]:
+                 count: Callable[[str], int] = word_count, dedup: bool = False) -> list[AnswerChunk]:
     """Chunk an answer's text and cut its units to match (by `words` timestamps if given, else by characters).
 
     `words` timestamps are unit indices into the raw (not deduplicated) `units`.
     """
     texts = chunk_text(text, target, count)
     if not texts:
-        return [Chunk(text, dedup_units(units) if dedup else list(units))]
+        return [AnswerChunk(text, dedup_units(units) if dedup else list(units))]
     return align_chunks(text, texts, units, words, dedup)
 
 
 def align_chunks(text: str, texts: Sequence[str], units: Sequence[int], words: Sequence[dict] | None,
-                 dedup: bool = False) -> list[Chunk]:
+                 dedup: bool = False) -> list[AnswerChunk]:
     """Pair text chunks (which concatenate to `text`) with their speech: cut `units` where the next chunk's
     first word starts by `words` timestamps when given, else proportionally to characters.
 
@@ -214,7 +214,7 @@ def align_chunks(text: str, texts: Sequence[str], units: Sequence[int], words: S
     return split_units(texts, units, cuts, dedup)
 
 
-def split_units(texts: Sequence[str], units: Sequence[int], cuts: Sequence[int], dedup: bool) -> list[Chunk]:
+def split_units(texts: Sequence[str], units: Sequence[int], cuts: Sequence[int], dedup: bool) -> list[AnswerChunk]:
     """Pair text chunks with units cut at raw indices `cuts` (one per boundary), deduplicating if asked."""
     assert len(cuts) == len(texts) - 1
     bounds, prev = [0], 0
@@ -226,10 +226,10 @@ def split_units(texts: Sequence[str], units: Sequence[int], cuts: Sequence[int],
         pos = _dedup_positions(units)
         bounds = [pos[b] for b in bounds]
         units = dedup_units(units)
-    return [Chunk(t, list(units[a:b])) for t, a, b in zip(texts, bounds, bounds[1:])]
+    return [AnswerChunk(t, list(units[a:b])) for t, a, b in zip(texts, bounds, bounds[1:])]
 
 
-def rechunk(chunks: Sequence[Chunk], dedup: bool) -> list[Chunk]:
+def rechunk(chunks: Sequence[AnswerChunk], dedup: bool) -> list[AnswerChunk]:
     """Pre-chunked answers (`"chunks": [{"text", "units"}]`) with units deduplicated across chunk boundaries."""
     if not dedup:
         return list(chunks)

@@ -29,8 +29,10 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from megatron_cslm.fileio import DataError, SkipCounter, write_json
-from megatron_cslm.text.tokenizer import SegmentError, SpeechTextTokenizer
+from megatron_cslm.data.metadata import write_dataset_metadata
+from megatron_cslm.errors import CslmError
+from megatron_cslm.fileio import DataError, SkipCounter, parse_json_line, write_json
+from megatron_cslm.text.tokenizer import SpeechTextTokenizer
 
 LOSS_MASK_SUFFIX = "_lossmask"
 # A units array as json.dumps writes it, "[12, 345]" or "[12,345]" (possessive quantifiers: no backtracking;
@@ -38,17 +40,6 @@ LOSS_MASK_SUFFIX = "_lossmask"
 _UNIT_ARRAY = re.compile(rb'"units": ?\[([0-9]++(?:, ?+[0-9]++)*+)\]')
 BLOCK_RECORDS = 256  # records whose text is tokenized in one call
 _SCAN_BLOCK = 1 << 24
-
-
-class BadRecord(DataError):
-    """A located DataError plus `kind`, the reason under which --skip-bad-records counts it."""
-
-    def __init__(self, kind: str, path: str | os.PathLike, line: int | None, field: str | None, message: str):
-        self.kind = kind
-        super().__init__(path, line, field, message)
-
-    def __reduce__(self):  # crosses the worker pool
-        return BadRecord, (self.kind, self.path, self.line, self.field, self.reason)
 
 
 @dataclass(frozen=True)
@@ -76,10 +67,10 @@ class DocStats:
     tokens_by_source: Counter = field(default_factory=Counter)
     skips: SkipCounter = field(default_factory=SkipCounter)
     uses_loss_mask: bool = False
+    max_token_id: int = -1  # recorded in <prefix>.meta.json: training checks ids without reading the .bin
 
     def add(self, ids: np.ndarray, mask: np.ndarray | None, record: dict, tokenizer: SpeechTextTokenizer) -> None:
-        specials = int(np.count_nonzero(ids >= tokenizer.sosp_id))  # ours sit above the units
-        units = int(np.count_nonzero(ids >= tokenizer.unit_offset)) - specials
+        units, specials = tokenizer.count_speech_tokens(ids)  # through the tokenizer's unit layout
         source = record.get("source", "")
         self.skips.written += 1
         self.documents += 1
@@ -91,6 +82,8 @@ class DocStats:
         self.by_source[source] += 1
         self.tokens_by_source[source] += ids.size
         self.by_lang[record.get("lang", "")] += 1
+        if ids.size:
+            self.max_token_id = max(self.max_token_id, int(ids.max()))
 
     def merge(self, other: "DocStats") -> None:
         for name in ("documents", "tokens", "text_tokens", "unit_tokens", "special_tokens", "masked_tokens"):
@@ -100,6 +93,7 @@ class DocStats:
         self.tokens_by_source.update(other.tokens_by_source)
         self.skips.merge(other.skips)
         self.uses_loss_mask |= other.uses_loss_mask
+        self.max_token_id = max(self.max_token_id, other.max_token_id)
 
 
 def expand_inputs(patterns: Sequence[str | os.PathLike]) -> list[str]:
@@ -113,7 +107,7 @@ def expand_inputs(patterns: Sequence[str | os.PathLike]) -> list[str]:
     return paths
 
 
-def plan_shards(paths: Sequence[str], shard_bytes: int | None) -> list[Shard]:
+def plan_input_shards(paths: Sequence[str], shard_bytes: int | None) -> list[Shard]:
     """Split plain files into ~shard_bytes pieces at line starts, numbering lines in the same single pass."""
     shards = []
     for path in paths:
@@ -155,7 +149,7 @@ def iter_shard_lines(shard: Shard) -> Iterator[tuple[int, bytes]]:
 
 
 def parse_line(raw: bytes, path: str, line: int) -> dict:
-    """The JSON object on a line; BadRecord for non-UTF-8, malformed JSON or a non-object.
+    """The JSON object on a line; a located CslmError for non-UTF-8, malformed JSON or a non-object.
 
     Unit arrays are most of a speech corpus's bytes, and json.loads would build a Python int per unit that
     numpy then converts again. So arrays spelled the way json.dumps writes them are cut out of the line and
@@ -200,38 +194,36 @@ def _loads(raw: bytes, path: str, line: int) -> dict:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise BadRecord("not_utf8", path, line, None, f"not valid UTF-8 ({e.reason} at byte {e.start})") from None
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise BadRecord("malformed_json", path, line, None, f"malformed JSON: {e.msg} (column {e.colno})") from None
-    if not isinstance(record, dict):
-        raise BadRecord("malformed_json", path, line, None, f"expected a JSON object, got {type(record).__name__}")
-    return record
+        raise DataError(path, line, None, f"not valid UTF-8 ({e.reason} at byte {e.start} of the line)",
+                        reason="not_utf8") from None
+    return parse_json_line(path, line, text)
 
 
 def document_segments(record: dict, path: str, line: int | None) -> tuple[list, list[bool]]:
     """A record's segments and each one's loss flag, with everything but the segment contents validated."""
     if "segments" in record:
         if "text" in record:
-            raise BadRecord("wrong_type", path, line, "text", "a record has either 'segments' or 'text', not both")
+            raise DataError(path, line, "text", "a record has either 'segments' or 'text', not both",
+                            reason="wrong_type")
         segments = record["segments"]
         if not isinstance(segments, list):
-            raise BadRecord("wrong_type", path, line, "segments", f"expected list, got {type(segments).__name__}")
+            raise DataError(path, line, "segments", f"expected list, got {type(segments).__name__}",
+                            reason="wrong_type")
         if not segments:
-            raise BadRecord("empty", path, line, "segments", "empty list")
+            raise DataError(path, line, "segments", "empty list", reason="empty")
     elif "text" in record:
         segments = [{"text": record["text"]}]
     else:
-        raise BadRecord("missing_field", path, line, "segments", "missing (a record needs 'segments' or 'text')")
+        raise DataError(path, line, "segments", "missing (a record needs 'segments' or 'text')",
+                        reason="missing_field")
     for tag in ("source", "lang"):
         if tag in record and not isinstance(record[tag], str):
-            raise BadRecord("wrong_type", path, line, tag, f"expected str, got {type(record[tag]).__name__}")
+            raise DataError(path, line, tag, f"expected str, got {type(record[tag]).__name__}", reason="wrong_type")
     losses = [seg.get("loss", True) if isinstance(seg, dict) else True for seg in segments]
     for i, loss in enumerate(losses):
         if not isinstance(loss, bool):
-            raise BadRecord("wrong_type", path, line, f"segments[{i}].loss",
-                            f"expected bool, got {type(loss).__name__}")
+            raise DataError(path, line, f"segments[{i}].loss", f"expected bool, got {type(loss).__name__}",
+                            reason="wrong_type")
     return segments, losses
 
 
@@ -251,36 +243,37 @@ def encode_document(record: dict, tokenizer: SpeechTextTokenizer, append_eod: bo
     segments, losses = document_segments(record, path, line)
     try:
         parts = tokenizer.encode_each_segment(segments, as_arrays=True)
-    except SegmentError as e:
-        raise BadRecord(e.kind, path, line, e.field if "segments" in record else "text", e.reason) from None
+    except CslmError as e:  # a bad segment, named by field: add the place
+        field = e.field if "segments" in record else "text"
+        raise DataError(path, line, field, e.message, reason=e.reason) from None
     return _assemble(parts, losses, tokenizer.eod_id if append_eod else None, dtype)
 
 
 def encode_documents(records: list[tuple[int, dict]], tokenizer: SpeechTextTokenizer, append_eod: bool,
-                     dtype: type, path: str) -> list[tuple[np.ndarray, np.ndarray | None] | BadRecord]:
+                     dtype: type, path: str) -> list[tuple[np.ndarray, np.ndarray | None] | CslmError]:
     """`encode_document` for (line, record) pairs, with all their text in one tokenizer call.
 
     Per-call overhead of the text tokenizer dominates short transcripts, so batching a block of records is
-    what keeps text from being the bottleneck. Bad records come back as BadRecord values, in order.
+    what keeps text from being the bottleneck. Bad records come back as CslmError values, in order.
     """
     results: list = [None] * len(records)
     flat, spans = [], []
     for k, (line, record) in enumerate(records):
         try:
             segments, losses = document_segments(record, path, line)
-        except BadRecord as e:
+        except CslmError as e:
             results[k] = e
             continue
         spans.append((k, len(flat), len(segments), losses))
         flat += segments
     try:
         parts = tokenizer.encode_each_segment(flat, as_arrays=True)
-    except SegmentError:  # rare: redo record by record to locate the bad segment(s)
+    except CslmError:  # rare: redo record by record to locate the bad segment(s)
         for k, *_ in spans:
             line, record = records[k]
             try:
                 results[k] = encode_document(record, tokenizer, append_eod, dtype, path, line)
-            except BadRecord as e:
+            except CslmError as e:
                 results[k] = e
         return results
     eod = tokenizer.eod_id if append_eod else None
@@ -316,7 +309,7 @@ class _PartWriter:
 
 def tokenize_shard(shard: Shard, part_prefix: str, tokenizer: SpeechTextTokenizer, append_eod: bool,
                    skip_bad_records: bool, dtype: type) -> DocStats:
-    """Tokenize one shard into the partial dataset `part_prefix`; bad records raise BadRecord or are counted."""
+    """Tokenize one shard into the partial dataset `part_prefix`; bad records raise CslmError or are counted."""
     stats = DocStats()
     writer = _PartWriter(part_prefix, dtype)
     lines = ((line, raw) for line, raw in iter_shard_lines(shard) if raw.strip())
@@ -325,17 +318,17 @@ def tokenize_shard(shard: Shard, part_prefix: str, tokenizer: SpeechTextTokenize
         for line, raw in block:
             try:
                 parsed.append((line, parse_line(raw, shard.path, line)))
-            except BadRecord as e:
+            except CslmError as e:
                 parsed.append((line, e))
-        encoded = iter(encode_documents([(n, r) for n, r in parsed if not isinstance(r, BadRecord)], tokenizer,
+        encoded = iter(encode_documents([(n, r) for n, r in parsed if not isinstance(r, CslmError)], tokenizer,
                                         append_eod, dtype, shard.path))
-        for line, record in parsed:
+        for _line, record in parsed:
             stats.skips.read += 1
-            result = record if isinstance(record, BadRecord) else next(encoded)
-            if isinstance(result, BadRecord):
+            result = record if isinstance(record, CslmError) else next(encoded)
+            if isinstance(result, CslmError):
                 if not skip_bad_records:
                     raise result
-                stats.skips.skip(result.kind, str(result))
+                stats.skips.skip(result.reason, str(result))
                 continue
             ids, mask = result
             stats.uses_loss_mask |= mask is not None
@@ -374,7 +367,7 @@ def preprocess(inputs: Sequence[str | os.PathLike], output_prefix: str | os.Path
     out_dir.mkdir(parents=True, exist_ok=True)
     if shard_bytes is None and workers > 1:
         shard_bytes = max(1 << 20, sum(os.path.getsize(p) for p in paths) // (8 * workers))
-    shards = plan_shards(paths, shard_bytes)
+    shards = plan_input_shards(paths, shard_bytes)
     dtype = DType.optimal_dtype(tokenizer.vocab_size)  # uint16 below 65,500 ids, else int32 (megatron's rule)
     state = dict(tokenizer=tokenizer, append_eod=append_eod, skip_bad_records=skip_bad_records, dtype=dtype)
     tmp = tempfile.mkdtemp(prefix=f".{Path(prefix).name}.", suffix=".tmp", dir=out_dir)
@@ -409,6 +402,7 @@ def preprocess(inputs: Sequence[str | os.PathLike], output_prefix: str | os.Path
         shutil.rmtree(tmp, ignore_errors=True)
     result = _stats_dict(stats, paths, prefix, dtype, tokenizer)
     write_json(prefix + ".stats.json", result)
+    write_dataset_metadata(prefix, tokenizer, stats.max_token_id, documents=stats.documents, tokens=stats.tokens)
     return result
 
 

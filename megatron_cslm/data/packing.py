@@ -7,9 +7,10 @@ every rank. Storage is megatron-core's IndexedDataset: one *sequence* per sample
 
 A sample of n+1 tokens x_0..x_n fills n positions of a bin: inputs x_0..x_{n-1}, labels x_1..x_n (the
 shift happens inside each sample, so no label crosses a sample boundary). Positions restart at 0 for every
-sample, and attention must not cross samples: `block_causal_mask` (local spec) and `packed_seq_params`
-(Transformer Engine THD) both derive that from `cu_seqlens`. The pad tail of a bin (token 0, loss_mask 0)
-is its own trailing "sample" in `cu_seqlens`, so it never attends into, or is attended by, real samples and
+sample, and attention must not cross samples: `packed_seq_params` (Transformer Engine THD), per-bin
+`cu_seqlens` (the local spec's per-sample SDPA, models/attention.py) and `block_causal_mask` (the dense
+reference the tests compare against) all derive that from `cu_seqlens`. The pad tail of a bin (token 0,
+loss_mask 0) is its own trailing "sample" in `cu_seqlens`, so it never attends into, or is attended by, real samples and
 `cu_seqlens[-1] == seq_length` always holds, as THD kernels require.
 """
 from __future__ import annotations

@@ -34,10 +34,15 @@ import torch
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 from tqdm import tqdm
 
-from megatron_cslm.data.chunking import Chunk, chunk_answer, dedup_units, rechunk, word_count
-from megatron_cslm.fileio import DataError, SkipCounter, iter_jsonl, write_json
+from megatron_cslm.data.chunking import AnswerChunk, chunk_answer, dedup_units, rechunk, word_count
+from megatron_cslm.data.metadata import write_dataset_metadata
 from megatron_cslm.data.packing import MODALITIES, modality_prefix, pack_dataset, token_dtype
+from megatron_cslm.errors import CslmError
+from megatron_cslm.fileio import SkipCounter, iter_jsonl, write_json
+from megatron_cslm.text import chat
+from megatron_cslm.text.markup import MarkupError, bare_speech, parse_unit_span, split_speech
 from megatron_cslm.text.tokenizer import SpecialTokens, SpeechTextTokenizer
+from megatron_cslm.text.units import UnitListError, check_units
 
 LAYOUTS = ("interleaved", "sequential", "text")
 
@@ -47,17 +52,6 @@ INSTRUCTIONS = {
     "en": ("Please answer the questions in the user's speech in English.", " This is input: ", "."),
     "zh": ("用中文回答用户语音中的问题。", " 这是输入: ", "。"),
 }
-
-
-class FieldError(ValueError):
-    """Invalid content in one field of a record; `reason` is the short skip-counter key."""
-
-    def __init__(self, field: str, message: str, reason: str = "invalid_record"):
-        self.field, self.message, self.reason = field, message, reason
-        super().__init__(f"{field}: {message}")
-
-    def located(self, path: str | Path, line: int) -> DataError:
-        return DataError(path, line, self.field, self.message)
 
 
 @dataclass(frozen=True)
@@ -93,7 +87,7 @@ class AssistantTurn:
     text: str
     units: list[int] | None
     words: list[dict] | None = None
-    chunks: list[Chunk] | None = None  # given pre-chunked
+    chunks: list[AnswerChunk] | None = None  # given pre-chunked
     where: str = "response"  # the record field it came from, for error messages
 
 
@@ -116,89 +110,84 @@ class Sample:
 
 
 def _units(value, where: str, num_units: int) -> list[int]:
-    if not isinstance(value, list) or not all(isinstance(u, int) and not isinstance(u, bool) for u in value):
-        raise FieldError(where, "expected a list of integer unit ids")
-    bad = next((u for u in value if not 0 <= u < num_units), None)
-    if bad is not None:
-        raise FieldError(where, f"unit {bad} out of range [0, {num_units})", "unit_out_of_range")
+    if not isinstance(value, list):
+        raise CslmError.in_field(where, "expected a list of integer unit ids")
+    try:
+        check_units(value, num_units, allow_empty=True, strict=True)
+    except UnitListError as e:
+        raise CslmError.in_field(where, e.message, "unit_out_of_range" if e.reason == "out_of_range"
+                                 else "invalid_record") from None
     return value
 
 
 def _text(value, where: str) -> str:
     if not isinstance(value, str):
-        raise FieldError(where, f"expected a string, got {type(value).__name__}")
+        raise CslmError.in_field(where, f"expected a string, got {type(value).__name__}")
     return value
 
 
 def _parse_speech_aware(record: dict, num_units: int) -> tuple[list[tuple[UserTurn, AssistantTurn]], str | None]:
     turns = record["turns"]
     if not isinstance(turns, list) or not turns:
-        raise FieldError("turns", "expected a non-empty list of turns")
+        raise CslmError.in_field("turns", "expected a non-empty list of turns")
     system, pairs, user = None, [], None
     for k, turn in enumerate(turns):
         where = f"turns[{k}]"
         if not isinstance(turn, dict):
-            raise FieldError(where, "expected an object")
+            raise CslmError.in_field(where, "expected an object")
         role = turn.get("role")
         if role == "system" and k == 0:
             system = _text(turn.get("text"), f"{where}.text")
         elif role == "user" and user is None:
             if "units" not in turn and "text" not in turn:
-                raise FieldError(where, "a user turn needs 'units' (spoken question) and/or 'text'")
+                raise CslmError.in_field(where, "a user turn needs 'units' (spoken question) and/or 'text'")
             units = _units(turn["units"], f"{where}.units", num_units) if "units" in turn else None
             text = _text(turn["text"], f"{where}.text").strip() if "text" in turn else None
             if not units and not text:
-                raise FieldError(where, "empty question: no units and no text")
+                raise CslmError.in_field(where, "empty question: no units and no text")
             user = UserTurn(units=units or None, transcript=text or None, content=None if units else text)
         elif role == "assistant" and user is not None:
             pairs.append((user, _parse_assistant(turn, where, num_units)))
             user = None
         else:
             expected = "'user'" if user is None else "'assistant'"
-            raise FieldError(f"{where}.role", f"got {role!r}, expected {expected} (turns alternate user/assistant, "
-                                              "after an optional leading system turn)")
+            raise CslmError.in_field(f"{where}.role", f"got {role!r}, expected {expected} (turns alternate user/"
+                                                      "assistant, after an optional leading system turn)")
     if user is not None or not pairs:
-        raise FieldError("turns", "must end with an assistant turn")
+        raise CslmError.in_field("turns", "must end with an assistant turn")
     return pairs, system
 
 
 def _parse_assistant(turn: dict, where: str, num_units: int) -> AssistantTurn:
     words = turn.get("words")
     if words is not None and not isinstance(words, list):
-        raise FieldError(f"{where}.words", "expected a list of {word, start, end}")
+        raise CslmError.in_field(f"{where}.words", "expected a list of {word, start, end}")
     if "chunks" in turn:
         raw = turn["chunks"]
         if not isinstance(raw, list) or not raw:
-            raise FieldError(f"{where}.chunks", "expected a non-empty list of {text, units}")
+            raise CslmError.in_field(f"{where}.chunks", "expected a non-empty list of {text, units}")
         chunks = []
         for j, c in enumerate(raw):
             if not isinstance(c, dict):
-                raise FieldError(f"{where}.chunks[{j}]", "expected an object {text, units}")
-            chunks.append(Chunk(_text(c.get("text"), f"{where}.chunks[{j}].text"),
+                raise CslmError.in_field(f"{where}.chunks[{j}]", "expected an object {text, units}")
+            chunks.append(AnswerChunk(_text(c.get("text"), f"{where}.chunks[{j}].text"),
                                 _units(c.get("units", []), f"{where}.chunks[{j}].units", num_units)))
         text, units = "".join(c.text for c in chunks), [u for c in chunks for u in c.units]
         for name, value in (("text", text), ("units", units)):
             if name in turn and turn[name] != value:
-                raise FieldError(f"{where}.{name}", f"differs from the concatenation of {where}.chunks")
+                raise CslmError.in_field(f"{where}.{name}", f"differs from the concatenation of {where}.chunks")
         return AssistantTurn(text, units, None, chunks, where)
     if "text" not in turn:
-        raise FieldError(f"{where}.text", "missing")
+        raise CslmError.in_field(f"{where}.text", "missing")
     units = _units(turn["units"], f"{where}.units", num_units) if "units" in turn else None
     return AssistantTurn(_text(turn["text"], f"{where}.text"), units, words, None, where)
 
 
-_UNIT = re.compile(r"\s*<(\d+)>")
-
-
 def _span_units(span: str, where: str, num_units: int) -> list[int]:
-    units, pos = [], 0
-    for m in _UNIT.finditer(span):
-        if m.start() != pos:
-            break
-        units.append(int(m.group(1)))
-        pos = m.end()
-    if span[pos:].strip():
-        raise FieldError(where, f"unit span holds non-unit text {span[pos:pos + 20]!r}")
+    try:
+        units = parse_unit_span(span)
+    except MarkupError as e:
+        raise CslmError.in_field(where, str(e)) from None
     return _units(units, where, num_units)
 
 
@@ -210,16 +199,16 @@ def _parse_response(text: str, where: str, specials: SpecialTokens, num_units: i
     if m:
         tq, text = (m.group(1).strip() if m.group(1) is not None else None), text[m.end():]
     if specials.question in text or specials.answer in text:
-        raise FieldError(where, f"expected '{specials.question} TQ {specials.answer} answer' at the start")
-    parts = re.split(rf"{re.escape(specials.sosp)}(.*?){re.escape(specials.eosp)}", text, flags=re.S)
-    texts, spans = parts[0::2], parts[1::2]  # text, units, text, units, ..., text
+        raise CslmError.in_field(where, f"expected '{specials.question} TQ {specials.answer} answer' at the start")
+    texts, spans = split_speech(text, specials)  # text, units, text, units, ..., text
     if not spans:
         return tq, AssistantTurn(text.strip(), None, where=where)
     units = [_span_units(s, where, num_units) for s in spans]
     if len(spans) == 1 and not texts[1].strip():  # one answer, then its speech: not chunked
         return tq, AssistantTurn(texts[0].strip(), units[0], where=where)
-    chunks = [Chunk(t, u) for t, u in zip(texts, units)] + ([Chunk(texts[-1], [])] if texts[-1].strip() else [])
-    chunks[0] = Chunk(chunks[0].text.lstrip(), chunks[0].units)
+    chunks = [AnswerChunk(t, u) for t, u in zip(texts, units)]
+    chunks += [AnswerChunk(texts[-1], [])] if texts[-1].strip() else []
+    chunks[0] = AnswerChunk(chunks[0].text.lstrip(), chunks[0].units)
     return tq, AssistantTurn("".join(c.text for c in chunks), [u for c in chunks for u in c.units],
                              chunks=chunks, where=where)
 
@@ -231,16 +220,16 @@ def _parse_authors(record: dict, specials: SpecialTokens, num_units: int) -> lis
     elif isinstance(prompts, list) and isinstance(responses, list) and len(prompts) == len(responses) and prompts:
         names = ([f"prompt[{k}]" for k in range(len(prompts))], [f"response[{k}]" for k in range(len(prompts))])
     else:
-        raise FieldError("response", "'prompt' and 'response' must both be strings, or lists of strings of the "
-                                     "same (non-zero) length")
-    bare = re.compile(rf"\s*{re.escape(specials.sosp)}(.*?){re.escape(specials.eosp)}\s*", re.S)
+        raise CslmError.in_field("response", "'prompt' and 'response' must both be strings, or lists of strings "
+                                             "of the same (non-zero) length")
     pairs = []
     for prompt, response, p_name, r_name in zip(prompts, responses, *names):
         _text(prompt, p_name)
-        m = bare.fullmatch(prompt)
-        units = _span_units(m.group(1), p_name, num_units) if m else None
+        span = bare_speech(prompt, specials)
+        m = span is not None
+        units = _span_units(span, p_name, num_units) if m else None
         if m and not units:
-            raise FieldError(p_name, "empty unit span")
+            raise CslmError.in_field(p_name, "empty unit span")
         tq, assistant = _parse_response(_text(response, r_name), r_name, specials, num_units)
         pairs.append((UserTurn(units, tq, None if m else prompt.strip()), assistant))
     return pairs
@@ -248,17 +237,21 @@ def _parse_authors(record: dict, specials: SpecialTokens, num_units: int) -> lis
 
 def parse_record(record: dict, num_units: int, specials: SpecialTokens = SpecialTokens(),
                  default_lang: str = "en") -> Conversation:
-    """Parse either input form into a Conversation; raises FieldError naming the bad field."""
+    """Parse either input form into a Conversation; raises CslmError naming the bad field (no file yet)."""
     lang = record.get("lang", default_lang)
     if lang not in INSTRUCTIONS:
-        raise FieldError("lang", f"no instruction for language {lang!r} (known: {sorted(INSTRUCTIONS)})")
+        raise CslmError.in_field("lang", f"no instruction for language {lang!r} (known: {sorted(INSTRUCTIONS)})")
     if "turns" in record:
         pairs, system = _parse_speech_aware(record, num_units)
-        return Conversation(lang, pairs, system)
-    if "prompt" in record:
-        return Conversation(lang, _parse_authors(record, specials, num_units))
-    raise FieldError("turns", "missing: expected 'turns' (speech-aware form) or 'prompt'/'response' (CSLM "
-                              "authors' form)")
+    elif "prompt" in record:
+        pairs, system = _parse_authors(record, specials, num_units), None
+    else:
+        raise CslmError.in_field("turns", "missing: expected 'turns' (speech-aware form) or 'prompt'/'response' (CSLM "
+                                 "authors' form)")
+    for _, answer in pairs:  # an answer without text would train the model to say nothing
+        if not answer.text.strip():
+            raise CslmError.in_field(f"{answer.where}.text", "empty answer text", "empty_answer")
+    return Conversation(lang, pairs, system)
 
 
 # ---------------------------------------------------------------------------------------------- encoding
@@ -271,8 +264,8 @@ class SFTEncoder:
         self.tok, self.cfg = tokenizer, config
         enc = tokenizer.encode_text
         self.bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
-        self.header = {r: enc(f"<|start_header_id|>{r}<|end_header_id|>\n\n") for r in ("system", "user", "assistant")}
-        self.eot = enc("<|eot_id|>")
+        self.header = {r: enc(chat.header(r)) for r in chat.ROLES}
+        self.eot = enc(chat.EOT)
         self.instruction = {lang: (enc(prompt + before), enc(after))
                             for lang, (prompt, before, after) in INSTRUCTIONS.items()}
         if config.chunk_tokens is not None:
@@ -283,27 +276,27 @@ class SFTEncoder:
     def _units(self, units: list[int]) -> list[int]:
         return dedup_units(units) if self.cfg.dedup_units else units
 
-    def _chunks(self, turn: AssistantTurn) -> list[Chunk]:
+    def _chunks(self, turn: AssistantTurn) -> list[AnswerChunk]:
         if turn.chunks is not None:
             return rechunk(turn.chunks, self.cfg.dedup_units)
         try:
             return chunk_answer(turn.text.strip(), turn.units, words=turn.words, target=self.chunk_target,
                                 count=self.chunk_count, dedup=self.cfg.dedup_units)
         except ValueError as e:
-            raise FieldError(f"{turn.where}.words", str(e), "bad_timestamps") from None
+            raise CslmError.in_field(f"{turn.where}.words", str(e), "bad_timestamps") from None
 
     def _assistant(self, user: UserTurn, turn: AssistantTurn) -> list[tuple[list[int] | dict, int]]:
         tq, ta, sa = MODALITIES["tq"], MODALITIES["ta"], MODALITIES["sa"]
         parts: list[tuple[list[int] | dict, int]] = []
         if self.cfg.with_tq:
             if user.transcript is None:
-                raise FieldError(turn.where, "no question transcript (TQ) for this turn: give the user turn a "
-                                             "'text', or build without TQ", "missing_transcript")
+                raise CslmError.in_field(turn.where, "no question transcript (TQ) for this turn: give the user turn "
+                                                     "a 'text', or build without TQ", "missing_transcript")
             parts += [([self.tok.question_id], tq), ({"text": user.transcript}, tq)]
         parts.append(([self.tok.answer_id], ta))
         if self.cfg.layout != "text" and not turn.units:
-            raise FieldError(f"{turn.where}.units", f"the {self.cfg.layout} layout needs the answer's speech units",
-                             "missing_units")
+            raise CslmError.in_field(f"{turn.where}.units",
+                                     f"the {self.cfg.layout} layout needs the answer's speech units", "missing_units")
         if self.cfg.layout == "interleaved":
             for c in self._chunks(turn):
                 parts += [({"text": c.text}, ta), ({"units": c.units}, sa)]
@@ -378,19 +371,22 @@ def build_sft_data(inputs: Sequence[str | Path], tokenizer: SpeechTextTokenizer,
         tokens = IndexedDatasetBuilder(src + ".bin", dtype=token_dtype(tokenizer.vocab_size))
         modality = IndexedDatasetBuilder(modality_prefix(src) + ".bin", dtype=np.uint8)
         encoder = SFTEncoder(tokenizer, config)
+        max_token_id = -1  # recorded in <prefix>.meta.json: training checks ids without reading the bins
         for path in inputs:
-            for line, record in tqdm(iter_jsonl(path), desc=f"tokenizing {Path(path).name}", unit=" records",
+            records = iter_jsonl(path, counter if skip_bad_records else None)  # malformed lines: counted too
+            for line, record in tqdm(records, desc=f"tokenizing {Path(path).name}", unit=" records",
                                      disable=not progress):
                 counter.read += 1
                 try:
                     sample = encoder.encode(parse_record(record, tokenizer.num_units, tokenizer.specials,
                                                          config.default_lang))
-                except FieldError as e:
+                except CslmError as e:
                     if not skip_bad_records:
                         raise e.located(path, line) from None
                     counter.skip(e.reason, str(e.located(path, line)))
                     continue
                 tokens.add_item(torch.from_numpy(sample.tokens))
+                max_token_id = max(max_token_id, int(sample.tokens.max()) if sample.tokens.size else -1)
                 modality.add_item(torch.from_numpy(sample.modality))
                 tokens.end_document()
                 modality.end_document()
@@ -403,4 +399,5 @@ def build_sft_data(inputs: Sequence[str | Path], tokenizer: SpeechTextTokenizer,
     stats = {"records": counter.as_dict(), **stats, "config": {**asdict(config), "inputs": [str(p) for p in inputs],
                                                                "vocab_size": tokenizer.vocab_size}}
     write_json(str(output_prefix) + ".stats.json", stats)
+    write_dataset_metadata(output_prefix, tokenizer, max_token_id, samples=stats["samples"], bins=stats["bins"])
     return stats

@@ -23,6 +23,8 @@ import types
 import torch
 from torch.overrides import TorchFunctionMode
 
+from megatron_cslm.distributed import quiet
+
 _state: dict = {"mode": None}
 
 
@@ -163,6 +165,7 @@ def enable() -> None:
     if _state["mode"] is not None:
         return
     refuse_if_cuda(torch.cuda.is_available())
+    quiet.apply_cpu_mode()
     for name, value in _cuda_replacements().items():
         setattr(torch.cuda, name, value)
     torch.cuda.random.get_rng_state = torch.cuda.get_rng_state

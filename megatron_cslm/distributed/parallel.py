@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_cslm.distributed import cpu_mode
+from megatron_cslm.distributed.quiet import gloo_connection_lines_hidden
 
 
 @dataclass(frozen=True)
@@ -56,19 +57,38 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def use_slurm_ranks() -> None:
+    """One process per GPU under srun (no torchrun, Megatron-LM's SLURM way): torch.distributed's env://
+    variables from SLURM's. Only inside a job step (srun sets SLURM_STEP_NUM_TASKS; a batch script or salloc
+    shell does not), and torchrun's variables win when both are present (torchrun inside an srun task)."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ or "SLURM_STEP_NUM_TASKS" not in os.environ:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_STEP_NUM_TASKS"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+
+
 def initialize(parallel: ParallelConfig, device: str = "auto", seed: int = 1234, timeout_minutes: int = 30) -> str:
     """Initialise torch.distributed (from torchrun env vars) and megatron-core parallel_state; seed RNGs.
 
     Works for a single process without torchrun too (world size 1). Returns the resolved device.
     """
-    from megatron.core import parallel_state
-
     device = resolve_device(device)
+    use_slurm_ranks()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     parallel.data_parallel_size(world_size)  # fail early, before any collective
     if parallel.virtual_pipeline_model_parallel_size and device == "cpu":
         raise ValueError("virtual pipeline parallelism is not supported in --device cpu mode")
+    with gloo_connection_lines_hidden():  # one '[Gloo] Rank r is connected' line per group and rank
+        _create_groups(parallel, device, world_size, rank, timeout_minutes)
+    seed_everything(seed)
+    return device
+
+
+def _create_groups(parallel: ParallelConfig, device: str, world_size: int, rank: int, timeout_minutes: int) -> None:
+    from megatron.core import parallel_state
+
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
@@ -88,8 +108,6 @@ def initialize(parallel: ParallelConfig, device: str = "auto", seed: int = 1234,
             # groups are gloo already
             create_gloo_process_groups=device == "cuda",
         )
-    seed_everything(seed)
-    return device
 
 
 def seed_everything(seed: int) -> None:

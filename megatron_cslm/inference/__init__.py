@@ -10,8 +10,8 @@
 """
 from megatron_cslm.inference.generate import Response, SpeechLM, Stream
 from megatron_cslm.inference.latency import Latency
-from megatron_cslm.inference.parse import Chunk, ParsedResponse, ResponseParser, parse_response
+from megatron_cslm.inference.parse import ParsedResponse, ResponseChunk, ResponseParser, parse_response
 from megatron_cslm.inference.sampling import SamplingConfig
 
-__all__ = ["Chunk", "Latency", "ParsedResponse", "Response", "ResponseParser", "SamplingConfig", "SpeechLM",
+__all__ = ["Latency", "ParsedResponse", "Response", "ResponseChunk", "ResponseParser", "SamplingConfig", "SpeechLM",
            "Stream", "parse_response"]

@@ -16,13 +16,13 @@ from pathlib import Path
 from statistics import mean
 from typing import Callable, Sequence
 
+from megatron_cslm.data.sft import SFTEncoder
 from megatron_cslm.inference.generate import Response, SpeechLM
 from megatron_cslm.inference.inputs import Question
 from megatron_cslm.inference.latency import summarize
 from megatron_cslm.inference.metrics import error_rates, script_language
 from megatron_cslm.inference.outputs import speech_units
 from megatron_cslm.inference.runner import DecodeOptions, decode_to_dir
-from megatron_cslm.data.sft import SFTEncoder
 
 
 class AsrCommand:

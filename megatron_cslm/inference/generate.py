@@ -14,7 +14,7 @@ from typing import Iterator, Sequence
 import torch
 
 from megatron_cslm.inference.latency import Latency, measure
-from megatron_cslm.inference.parse import Chunk, ParsedResponse, ResponseParser
+from megatron_cslm.inference.parse import ParsedResponse, ResponseChunk, ResponseParser
 from megatron_cslm.inference.sampling import ModalityConstraint, SamplingConfig, sample
 from megatron_cslm.inference.vocab import Vocab
 from megatron_cslm.text.tokenizer import SpeechTextTokenizer
@@ -36,7 +36,7 @@ class Stream:
         self._lm, self._prompt, self._config, self._seed = lm, list(prompt), config, seed
         self.response: Response | None = None
 
-    def __iter__(self) -> Iterator[Chunk]:
+    def __iter__(self) -> Iterator[ResponseChunk]:
         parser = ResponseParser(self._lm.tok, self._lm.vocab)
         ids: list[int] = []
         elapsed = 0.0

@@ -1,7 +1,6 @@
-"""Text metrics for speech-to-speech evaluation: script-based language id and error rates.
+"""Text metrics for speech-to-speech evaluation: language id and error rates.
 
-Language id only needs to tell the two answer languages apart (a Chinese answer to an English instruction
-is the typical cross-lingual failure), so it compares CJK characters with Latin words: no model needed.
+Language id is the project's one rule (`text.language.script_language`: CJK characters against Latin words).
 Error rates are computed on normalised text (NFKC, lower case, no punctuation). WER counts each CJK character
 as a word (Chinese has no spaces; this is the usual mixed error rate), CER ignores whitespace.
 """
@@ -13,18 +12,11 @@ from typing import Sequence
 
 import jiwer
 
-_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
-_CJK_CHAR = re.compile(f"[{_CJK}]")
-_LATIN_WORD = re.compile(r"[a-zA-Z\u00c0-\u024f]+")
-_TOKEN = re.compile(f"[{_CJK}]|[^\\s{_CJK}]+")
+from megatron_cslm.text.language import CJK, script_language
 
+__all__ = ["error_rates", "normalize", "script_language"]
 
-def script_language(text: str) -> str | None:
-    """"zh" if CJK characters outnumber Latin words, "en" if not, None for text with neither."""
-    cjk, latin = len(_CJK_CHAR.findall(text)), len(_LATIN_WORD.findall(text))
-    if cjk == latin == 0:
-        return None
-    return "zh" if cjk > latin else "en"
+_TOKEN = re.compile(f"[{CJK}]|[^\\s{CJK}]+")
 
 
 def normalize(text: str) -> str:

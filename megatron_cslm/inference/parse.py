@@ -34,7 +34,7 @@ ChunkKind = Literal["tq", "ta", "sa"]
 
 
 @dataclass
-class Chunk:
+class ResponseChunk:
     """One complete piece of the answer.
 
     `end_token` is how many generated tokens had been consumed when the chunk completed (the token-count
@@ -60,12 +60,12 @@ class Chunk:
 class ParsedResponse:
     """All chunks of one response plus the warnings raised while parsing it."""
 
-    chunks: list[Chunk]
+    chunks: list[ResponseChunk]
     warnings: Counter
     num_tokens: int  # generated tokens consumed, stop token included
     stopped: bool
 
-    def of_kind(self, kind: ChunkKind) -> list[Chunk]:
+    def of_kind(self, kind: ChunkKind) -> list[ResponseChunk]:
         return [c for c in self.chunks if c.kind == kind]
 
     @property
@@ -87,7 +87,7 @@ class ResponseParser:
     def __init__(self, tok: SpeechTextTokenizer, vocab: Vocab | None = None):
         self.tok = tok
         self.vocab = vocab or Vocab.of(tok)
-        self.chunks: list[Chunk] = []
+        self.chunks: list[ResponseChunk] = []
         self.warnings: Counter = Counter()
         self._section: Literal["start", "question", "answer"] = "start"
         self._in_speech = False
@@ -97,7 +97,7 @@ class ResponseParser:
         self._stopped = False
         self._finished = False
 
-    def feed(self, token_id: int, time_s: float | None = None) -> list[Chunk]:
+    def feed(self, token_id: int, time_s: float | None = None) -> list[ResponseChunk]:
         if self._finished:
             raise RuntimeError("feed() after finish()")
         v, t = self.vocab, int(token_id)
@@ -106,7 +106,7 @@ class ResponseParser:
                 self.warnings["tokens_after_stop"] += 1
             return []
         self._consumed += 1
-        out: list[Chunk] = []
+        out: list[ResponseChunk] = []
         if t in v.stops:
             self._close_speech(out, time_s, cleanly=False)
             self._close_text(out, time_s)
@@ -139,9 +139,9 @@ class ResponseParser:
                 self._close_speech(out, time_s, cleanly=True)
             else:
                 self.warnings["stray_eosp"] += 1
-        elif v.is_unit(t):
+        elif (unit := v.unit_of(t)) >= 0:
             if self._in_speech:
-                self._units.append(t - v.unit_offset)
+                self._units.append(unit)
             else:
                 self.warnings["unit_outside_speech"] += 1
         elif t in v.control or not 0 <= t < v.size:
@@ -155,9 +155,9 @@ class ResponseParser:
             self._text.append(t)
         return out
 
-    def finish(self, time_s: float | None = None) -> list[Chunk]:
+    def finish(self, time_s: float | None = None) -> list[ResponseChunk]:
         """Close whatever is open at the end of the ids; returns the chunks that completes."""
-        out: list[Chunk] = []
+        out: list[ResponseChunk] = []
         if not self._finished:
             self._close_speech(out, time_s, cleanly=False)
             if self._section != "answer":
@@ -175,21 +175,21 @@ class ResponseParser:
             raise RuntimeError("result() before finish()")
         return ParsedResponse(self.chunks, self.warnings, self._consumed, self._stopped)
 
-    def _emit(self, out: list[Chunk], chunk: Chunk) -> None:
+    def _emit(self, out: list[ResponseChunk], chunk: ResponseChunk) -> None:
         self.chunks.append(chunk)
         out.append(chunk)
 
-    def _close_text(self, out: list[Chunk], time_s: float | None) -> None:
+    def _close_text(self, out: list[ResponseChunk], time_s: float | None) -> None:
         ids, self._text = self._text, []
         text = self.tok.decode(ids)
         if not text.strip():
             return
         kind: ChunkKind = "ta" if self._section == "answer" else "tq"
         index = sum(c.kind == kind for c in self.chunks)
-        self._emit(out, Chunk(kind, index, text=text, num_tokens=len(ids), end_token=self._consumed,
+        self._emit(out, ResponseChunk(kind, index, text=text, num_tokens=len(ids), end_token=self._consumed,
                               time_s=time_s))
 
-    def _close_speech(self, out: list[Chunk], time_s: float | None, cleanly: bool) -> None:
+    def _close_speech(self, out: list[ResponseChunk], time_s: float | None, cleanly: bool) -> None:
         if not self._in_speech:
             return
         self._in_speech = False
@@ -200,7 +200,7 @@ class ResponseParser:
             self.warnings["empty_speech"] += 1
             return
         index = sum(c.kind == "sa" for c in self.chunks)
-        self._emit(out, Chunk("sa", index, units=units, num_tokens=len(units), end_token=self._consumed,
+        self._emit(out, ResponseChunk("sa", index, units=units, num_tokens=len(units), end_token=self._consumed,
                               time_s=time_s))
 
 

@@ -12,13 +12,13 @@ from typing import Callable, Iterator, Sequence
 
 from tqdm import tqdm
 
+from megatron_cslm.data.sft import SFTEncoder
 from megatron_cslm.fileio import DataError
 from megatron_cslm.inference.generate import Response, SpeechLM
 from megatron_cslm.inference.inputs import Question
 from megatron_cslm.inference.outputs import append_outputs, make_record
-from megatron_cslm.inference.parse import Chunk
+from megatron_cslm.inference.parse import ResponseChunk
 from megatron_cslm.inference.sampling import SamplingConfig
-from megatron_cslm.data.sft import SFTEncoder
 
 
 @dataclass(frozen=True)
@@ -32,8 +32,8 @@ class DecodeOptions:
 
 
 def tokenize_audio(questions: Sequence[Question], extractor, batch_items: int = 16, progress: bool = True) -> None:
-    """Fill `units` of questions given as audio, with a `speech_units.UnitExtractor`."""
-    from megatron_cslm.speech.units import AudioRejected, read_audio, to_16k
+    """Fill `units` of questions given as audio, with a `speech.extract.UnitExtractor`."""
+    from megatron_cslm.speech.audio import AudioRejected, read_audio, to_16k
 
     todo = [q for q in questions if q.units is None]
     for start in tqdm(range(0, len(todo), batch_items), desc="audio -> units", unit="batch", disable=not progress):
@@ -49,7 +49,7 @@ def tokenize_audio(questions: Sequence[Question], extractor, batch_items: int = 
             q.units = units
 
 
-def print_chunk(question: Question, chunk: Chunk) -> None:
+def print_chunk(question: Question, chunk: ResponseChunk) -> None:
     """Default `on_chunk` for streaming: one line per completed chunk on stderr."""
     what = f"{len(chunk.units)} units" if chunk.kind == "sa" else repr(chunk.text.strip())
     print(f"[{question.id}] {chunk.kind.upper()}{chunk.index + 1} at {chunk.time_s:.3f}s "
@@ -57,7 +57,7 @@ def print_chunk(question: Question, chunk: Chunk) -> None:
 
 
 def answer_questions(lm: SpeechLM, encoder: SFTEncoder, questions: Sequence[Question], options: DecodeOptions,
-                     on_chunk: Callable[[Question, Chunk], None] | None = None,
+                     on_chunk: Callable[[Question, ResponseChunk], None] | None = None,
                      progress: bool = True) -> Iterator[Response]:
     """Responses to `questions` (which must have units), yielded in order as their batch completes."""
     missing = [q.id for q in questions if q.units is None]
@@ -86,7 +86,7 @@ def answer_questions(lm: SpeechLM, encoder: SFTEncoder, questions: Sequence[Ques
 
 def decode_to_dir(lm: SpeechLM, encoder: SFTEncoder, questions: Sequence[Question], options: DecodeOptions,
                   output_dir: str | os.PathLike, meta: dict, durations: int | Sequence[float] | None = None,
-                  on_chunk: Callable[[Question, Chunk], None] | None = None, save_every: int = 16,
+                  on_chunk: Callable[[Question, ResponseChunk], None] | None = None, save_every: int = 16,
                   progress: bool = True) -> list[Response]:
     """Answer `questions`, appending their records to `output_dir` (see `outputs`) every `save_every` items."""
     responses: list[Response] = []

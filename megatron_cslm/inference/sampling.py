@@ -35,6 +35,7 @@ class ModalityConstraint:
 
     def __init__(self, vocab: Vocab, num_logits: int, device: torch.device | str):
         units = vocab.unit_mask(num_logits, device)
+        self.is_unit = units  # indexed by sampled ids: the checkpoint's own unit layout, contiguous or not
         self.speech_allowed = units.clone()
         self.speech_allowed[vocab.eosp] = True
         self.text_allowed = ~units
@@ -47,9 +48,7 @@ class ModalityConstraint:
 
     def advance(self, in_speech: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """State after `tokens`: speech starts at <sosp> and lasts while units follow."""
-        v = self.vocab
-        is_unit = (tokens >= v.unit_offset) & (tokens < v.unit_offset + v.num_units)
-        return (tokens == v.sosp) | (in_speech & is_unit)
+        return (tokens == self.vocab.sosp) | (in_speech & self.is_unit[tokens])
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float, first_k: int = 1024) -> torch.Tensor:

@@ -5,7 +5,8 @@ Hugging Face `config.json` so converted checkpoints keep RoPE scaling (Meta's fi
 `rope_scaling`, transformers 5 writes `rope_parameters`; both are read). `PrecisionConfig` and
 `RecomputeConfig` are the run's choices. `build_gpt_model` turns them into a `TransformerConfig` and a
 `GPTModel` whose layer spec is chosen from what is installed: Transformer Engine on CUDA, megatron-core's
-local (torch) spec otherwise.
+local (torch) spec otherwise, with per-sample SDPA core attention (models/attention.py) so packed SFT bins
+cost what their samples cost. `LAYER_SPECS` also says how each spec takes packed bins (`packed_layout`).
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from megatron_cslm.errors import CslmError
 
 LLAMA3_ROPE_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                        "original_max_position_embeddings": 8192}
@@ -74,18 +77,19 @@ class LlamaArch:
         model_type = config.get("model_type")
         archs = config.get("architectures") or []
         if model_type != "llama" and "LlamaForCausalLM" not in archs:
-            raise ValueError(f"{source}: field 'model_type' is {model_type!r} (architectures {archs}); "
-                             "only Llama (model_type 'llama', LlamaForCausalLM) checkpoints are supported")
+            raise CslmError(source, None, "model_type", f"is {model_type!r} (architectures {archs}); only Llama "
+                            "(model_type 'llama', LlamaForCausalLM) checkpoints are supported", kind="compat")
         for key in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size"):
             if key not in config:
-                raise ValueError(f"{source}: field '{key}' missing from the Llama config")
+                raise CslmError(source, None, key, "missing from the Llama config")
         rope = dict(config.get("rope_parameters") or {})
         theta = config.get("rope_theta", rope.get("rope_theta", 10000.0))
         scaling = config.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
         if scaling is not None:
             kind = scaling.get("rope_type", scaling.get("type"))
             if kind != "llama3":
-                raise ValueError(f"{source}: field 'rope_scaling' has type {kind!r}; only 'llama3' is supported")
+                raise CslmError(source, None, "rope_scaling", f"has type {kind!r}; only 'llama3' is supported",
+                                kind="compat")
             scaling = {k: scaling[k] for k in LLAMA3_ROPE_SCALING if k in scaling}
             scaling["rope_type"] = "llama3"
         heads = config["num_attention_heads"]
@@ -174,10 +178,19 @@ def te_available() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None and torch.cuda.is_available()
 
 
-def _local_spec():
+def _local_mask_spec():
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     return get_gpt_layer_local_spec(normalization="RMSNorm")
+
+
+def _local_spec():
+    """megatron-core's local spec with per-sample SDPA core attention (models/attention.py)."""
+    from megatron_cslm.models.attention import SampleSDPAttention
+
+    spec = _local_mask_spec()
+    spec.submodules.self_attention.submodules.core_attention = SampleSDPAttention
+    return spec
 
 
 def _te_spec():
@@ -186,7 +199,29 @@ def _te_spec():
     return get_gpt_layer_with_transformer_engine_spec()
 
 
-LAYER_SPECS = {"local": _local_spec, "te": _te_spec}
+@dataclass(frozen=True)
+class LayerSpecChoice:
+    """A layer spec and how packed SFT bins reach its attention.
+
+    packed_layout: "thd" (bins flattened to one sequence + flat cu_seqlens: Transformer Engine), "bins" (bins
+    stay the batch dimension, per-bin cu_seqlens: `SampleSDPAttention`), "mask" (dense block-diagonal causal
+    mask over each bin: megatron-core's `DotProductAttention`, kept as the reference in tests).
+    """
+
+    build: Any
+    packed_layout: str
+
+
+LAYER_SPECS = {
+    "local": LayerSpecChoice(_local_spec, "bins"),
+    "local_mask": LayerSpecChoice(_local_mask_spec, "mask"),
+    "te": LayerSpecChoice(_te_spec, "thd"),
+}
+
+
+def packed_layout(spec: str | None = None) -> str:
+    """How packed bins are fed to the layer spec `spec` (default: the one this machine builds)."""
+    return LAYER_SPECS[spec or default_spec_name()].packed_layout
 
 
 def default_spec_name() -> str:
@@ -199,18 +234,19 @@ def check_parallel_fit(arch: LlamaArch, tensor_parallel_size: int, pipeline_para
     """Reject layouts megatron-core would only fail on deep inside a constructor."""
     tp, pp = tensor_parallel_size, pipeline_parallel_size
     if arch.num_attention_heads % tp:
-        raise ValueError(f"tensor-model-parallel-size {tp} does not divide num_attention_heads "
-                         f"{arch.num_attention_heads}")
+        raise CslmError.usage(f"tensor-model-parallel-size {tp} does not divide num_attention_heads "
+                              f"{arch.num_attention_heads}")
     if arch.num_query_groups % tp:
-        raise ValueError(f"tensor-model-parallel-size {tp} does not divide the {arch.num_query_groups} KV heads "
-                         f"(num_query_groups); use a TP that divides it")
+        raise CslmError.usage(f"tensor-model-parallel-size {tp} does not divide the {arch.num_query_groups} KV "
+                              "heads (num_query_groups); use a TP that divides it")
     if arch.ffn_hidden_size % tp:
-        raise ValueError(f"tensor-model-parallel-size {tp} does not divide ffn_hidden_size {arch.ffn_hidden_size}")
+        raise CslmError.usage(f"tensor-model-parallel-size {tp} does not divide ffn_hidden_size "
+                              f"{arch.ffn_hidden_size}")
     stages = pp * (virtual_pipeline_size or 1)
     if arch.num_layers % stages:
-        raise ValueError(f"pipeline-model-parallel-size {pp}"
-                         + (f" x virtual {virtual_pipeline_size}" if virtual_pipeline_size else "")
-                         + f" does not divide num_layers {arch.num_layers}")
+        raise CslmError.usage(f"pipeline-model-parallel-size {pp}"
+                              + (f" x virtual {virtual_pipeline_size}" if virtual_pipeline_size else "")
+                              + f" does not divide num_layers {arch.num_layers}")
 
 
 def transformer_config(arch: LlamaArch, *, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
@@ -317,7 +353,7 @@ def build_gpt_model(arch: LlamaArch, config, *, padded_vocab: int, spec: str | N
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=LAYER_SPECS[spec or default_spec_name()](),
+        transformer_layer_spec=LAYER_SPECS[spec or default_spec_name()].build(),
         vocab_size=padded_vocab,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=pre_process,

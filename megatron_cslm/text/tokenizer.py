@@ -1,15 +1,26 @@
-"""Speech-text tokenizer: a text tokenizer plus a contiguous block of speech-unit ids and four specials.
+"""Speech-text tokenizer: a text tokenizer plus speech units and four specials, read from its own vocabulary.
 
-Vocabulary layout: ``base text vocab | unit 0 .. unit N-1 | <sosp> <eosp> [question] [answer]``.
-Units never go through BPE: unit k is id ``unit_offset + k`` (arithmetic), which is what makes
-unit-heavy corpora cheap to tokenize. The CSLM authors' released data writes units as text
-(``<sosp><12><345><eosp>``); `encode_text` recognises that form, and the specials, and gives the same ids,
-matching what Hugging Face added tokens do, so a saved tokenizer loaded by `transformers.AutoTokenizer`
-produces identical ids.
+Units never go through BPE: unit k is looked up in the vocabulary's `UnitLayout` (arithmetic `offset + k`
+when the unit ids are contiguous, a vectorised table otherwise), which is what makes unit-heavy corpora
+cheap to tokenize. The CSLM authors' released data writes units as text (``<sosp><12><345><eosp>``);
+`encode_text` recognises that form, and the specials, and gives the same ids as Hugging Face added tokens do,
+so a saved tokenizer loaded by `transformers.AutoTokenizer` produces identical ids.
+
+Where the units and specials come from (the invariant that keeps ids right):
+- A tokenizer that already holds `<k>` unit tokens and/or `<sosp>` `<eosp>` `[question]` `[answer]` (a
+  released speech LM, or one saved by `save_pretrained`) is read as it is, in whatever order its training
+  added them. A partial unit set (`<12>` missing), a duplicated token or a second spelling (`<012>`) is
+  refused, naming the first offending token: guessing would give silently wrong ids.
+- A plain text tokenizer is extended: units `<0>`..`<N-1>` then the missing specials are appended after
+  its vocabulary (``base vocab | units | <sosp> <eosp> [question] [answer]``).
+- `cslm_tokenizer.json` is a cache of what was read (unit ids, special ids, vocabulary size), checked
+  against the vocabulary on load; a mismatch stops naming both values. It is never the only source.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import re
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -18,29 +29,23 @@ from typing import Iterable, Literal, Sequence
 
 import numpy as np
 
-from megatron_cslm.fileio import atomic_path, write_json
+from megatron_cslm.errors import CslmError
+from megatron_cslm.fileio import DataError, atomic_path, write_json
+from megatron_cslm.text.chat import END_OF_TEXT, LLAMA31_CHAT_TEMPLATE
+from megatron_cslm.text.markup import SpecialTokens
+from megatron_cslm.text.units import UNIT_LIKE, UNIT_TOKEN, UnitLayout, UnitListError, check_units, unit_token
 
-# Llama-3.1 chat format; content is trimmed like Meta's template so HF apply_chat_template matches it.
-LLAMA31_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim"
-    " + '<|eot_id|>' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
-)
+__all__ = ["LLAMA31_CHAT_TEMPLATE", "META_FILE", "Segment", "SpecialTokens", "SpeechTextTokenizer"]
+
+logger = logging.getLogger(__name__)
 META_FILE = "cslm_tokenizer.json"
+META_FORMAT = 2
+DEFAULT_NUM_UNITS = 4096  # CosyVoice S3 tokenizer v1
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers >= 4.43 saves a tokenizer's chat template
 
 
-@dataclass(frozen=True)
-class SpecialTokens:
-    """Strings of the four speech/dialogue specials (configurable to match other releases)."""
-
-    sosp: str = "<sosp>"
-    eosp: str = "<eosp>"
-    question: str = "[question]"
-    answer: str = "[answer]"
-
-    def as_list(self) -> list[str]:
-        return [self.sosp, self.eosp, self.question, self.answer]
+def _incompatible(path: str | Path, message: str, field: str | None = None) -> DataError:
+    return DataError(path, None, field, message, kind="compat", reason="incompatible")
 
 
 @dataclass
@@ -52,44 +57,38 @@ class Segment:
     units: list[int] = field(default_factory=list)
 
 
-class SegmentError(ValueError):
-    """A malformed segment. `field` names it (e.g. ``segments[2].units``) so callers can locate the error;
-    `kind` ("wrong_type", "missing_field", "empty", "bad_units") lets tools count skipped records by reason."""
-
-    def __init__(self, field: str, kind: str, message: str):
-        self.field, self.kind, self.reason = field, kind, message
-        super().__init__(f"{field}: {message}")
-
-    def __reduce__(self):  # picklable across worker pools (the default would call __init__ with the message only)
-        return SegmentError, (self.field, self.kind, self.reason)
-
-
 class _HFText:
     """Hugging Face `tokenizers` backend (tokenizer.json); base specials such as <|eot_id|> are its added tokens."""
 
     markers: dict[str, int] = {}  # the tokenizer parses its own specials
 
-    def __init__(self, path: Path, ours: set[str]):
+    def __init__(self, path: Path, ours: frozenset[str]):
         from tokenizers import Tokenizer
 
         self.path = path
         self.tok = Tokenizer.from_file(str(path))
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
-        saved = [i for i, t in self.tok.get_added_tokens_decoder().items() if t.content in ours]
-        if saved:
-            # A saved SpeechTextTokenizer: units and specials sit on top of the base vocabulary. They can stay in
-            # this backend, since encode_text extracts them before any text reaches it.
-            if sorted(saved) != list(range(min(saved), self.vocab_size)):
-                raise ValueError(f"{path}: unit/special tokens are not the contiguous top of the vocabulary")
-            self.vocab_size = min(saved)
+        decoder = self.tok.get_added_tokens_decoder()
+        # From the file, not the loaded tokenizer: `tokenizers` silently keeps one of two entries with the same
+        # content, and which id the model learned for it is then unknowable (see find_speech_tokens).
+        spec = json.loads(path.read_text(encoding="utf-8"))
+        raw = spec.get("added_tokens") or []
+        self.added = sorted((int(t["id"]), t["content"]) for t in raw)
+        # Units and specials are cut out of the text before BPE, so text is encoded by a copy without them:
+        # matching thousands of added tokens in every text piece would cost more than the BPE itself.
+        text_only = [t for t in raw if t["content"] not in ours and not UNIT_LIKE.fullmatch(t["content"])]
+        self.encoder = self.tok if len(text_only) == len(raw) else \
+            Tokenizer.from_str(json.dumps({**spec, "added_tokens": text_only}))
+        self.special_added = frozenset(i for i, t in decoder.items() if t.special)
         config = path.parent / "tokenizer_config.json"
         self.config = json.loads(config.read_text(encoding="utf-8")) if config.exists() else {}
-        self.eod_id = self._first_id("<|end_of_text|>", self._config_token("eos_token"), "</s>")
+        template = path.parent / CHAT_TEMPLATE_FILE
+        self.chat_template = self.config.get("chat_template") or (
+            template.read_text(encoding="utf-8") if template.exists() else None)
+        self.eod_id = self._first_id(END_OF_TEXT, self._config_token("eos_token"), "</s>")
         if self.eod_id is None:
-            raise ValueError(f"{path}: cannot find an end-of-document token (<|end_of_text|>, eos_token or </s>)")
+            raise _incompatible(path, "cannot find an end-of-document token (<|end_of_text|>, eos_token or </s>)")
         self.bos_id = self._first_id("<|begin_of_text|>", self._config_token("bos_token"), "<s>")
-        self.control_ids = frozenset(i for i, t in self.tok.get_added_tokens_decoder().items()
-                                     if t.special and i < self.vocab_size)
 
     def _config_token(self, key: str) -> str | None:
         value = self.config.get(key)
@@ -99,10 +98,16 @@ class _HFText:
         ids = [self.tok.token_to_id(t) for t in tokens if t is not None]
         return next((i for i in ids if i is not None), None)
 
+    def piece(self, token_id: int) -> str:
+        return self.tok.id_to_token(token_id) or ""
+
+    def token_id(self, content: str) -> int | None:
+        return self.tok.token_to_id(content)
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         if len(texts) == 1:
-            return [self.tok.encode(texts[0], add_special_tokens=False).ids]
-        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+            return [self.encoder.encode(texts[0], add_special_tokens=False).ids]
+        return [e.ids for e in self.encoder.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=False)
@@ -110,7 +115,11 @@ class _HFText:
 
 class _SPText:
     """SentencePiece backend. It drops control pieces (<s>, </s>) when decoding and never produces them from
-    text, so they are `markers`: rendered and parsed by SpeechTextTokenizer like its own specials."""
+    text, so they are `markers`: rendered and parsed by SpeechTextTokenizer like its own specials. A
+    SentencePiece model holds no added tokens, so its units and specials are always appended."""
+
+    added: list[tuple[int, str]] = []
+    chat_template = None
 
     def __init__(self, path: Path):
         import sentencepiece as spm
@@ -119,11 +128,18 @@ class _SPText:
         self.sp = spm.SentencePieceProcessor(model_file=str(path))
         self.vocab_size = self.sp.get_piece_size()
         self.markers = {self.sp.id_to_piece(i): i for i in range(self.vocab_size) if self.sp.is_control(i)}
-        self.control_ids = frozenset(self.markers.values())
+        self.special_added = frozenset(self.markers.values())
         if self.sp.eos_id() < 0:
-            raise ValueError(f"{path}: SentencePiece model has no eos piece to use as end-of-document")
+            raise _incompatible(path, "SentencePiece model has no eos piece to use as end-of-document")
         self.eod_id = self.sp.eos_id()
         self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
+
+    def piece(self, token_id: int) -> str:
+        return self.sp.id_to_piece(token_id)
+
+    def token_id(self, content: str) -> int | None:
+        token_id = self.sp.piece_to_id(content)
+        return None if token_id == self.sp.unk_id() and content != self.sp.id_to_piece(token_id) else token_id
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return self.sp.encode(texts, out_type=int)
@@ -132,86 +148,264 @@ class _SPText:
         return self.sp.decode(ids)
 
 
+def find_speech_tokens(added: Iterable[tuple[int, str]], specials: SpecialTokens,
+                       where: str | Path) -> tuple[dict[int, int], dict[str, int]]:
+    """Unit -> id and special -> id among a vocabulary's added tokens, (id, content) in id order.
+
+    Refuses, naming the first offending token: a duplicated token, a second spelling of a unit (``<012>``)
+    and a partial unit set (``<12>`` missing among ``<0>``..``<N-1>``).
+    """
+    ours = set(specials.as_list())
+    seen: dict[str, int] = {}
+    units: dict[int, int] = {}
+    found: dict[str, int] = {}
+    for token_id, content in added:
+        like = UNIT_LIKE.fullmatch(content)
+        if like is None and content not in ours:
+            continue
+        if content in seen:
+            raise _incompatible(where, f"token {content!r} is duplicated (ids {seen[content]} and {token_id}): "
+                                       "which one the model learned is ambiguous")
+        seen[content] = token_id
+        if content in ours:
+            found[content] = token_id
+        elif not UNIT_TOKEN.fullmatch(content):
+            k = int(like.group(1))
+            raise _incompatible(where, f"unit token {content!r} (id {token_id}) is a second spelling of unit {k} "
+                                       f"(expected {unit_token(k)!r}): the unit set is ambiguous")
+        else:
+            units[int(like.group(1))] = token_id
+    if units and len(units) != max(units) + 1:
+        missing = next(k for k in range(max(units) + 1) if k not in units)
+        raise _incompatible(where, f"the unit set is partial: {unit_token(missing)!r} is missing ({len(units)} unit "
+                                   f"tokens up to {unit_token(max(units))!r})")
+    return units, found
+
+
+def _resolve(text_tokenizer: str | Path) -> Path:
+    path = Path(text_tokenizer)
+    if path.is_dir():
+        for name in ("tokenizer.json", "tokenizer.model"):
+            if (path / name).exists():
+                return path / name
+        raise DataError(path, None, None, "no tokenizer.json or tokenizer.model in this directory",
+                        kind="compat", reason="unreadable")
+    if not path.exists():
+        raise DataError(path, None, None, "tokenizer file not found", kind="compat", reason="unreadable")
+    return path
+
+
 class SpeechTextTokenizer:
-    """Text tokenizer (HF tokenizer.json or SentencePiece) extended with speech units and specials.
+    """Text tokenizer (HF tokenizer.json or SentencePiece) with speech units and specials (see module docstring).
 
     Args:
         text_tokenizer: HF tokenizer directory or tokenizer.json file, or a SentencePiece .model file.
-        num_units: number of discrete speech units (4,096 for the CosyVoice S3 tokenizer).
+        num_units: number of discrete speech units. Read from the vocabulary when it holds units (a different
+            value is refused); appended otherwise (default 4,096, the CosyVoice S3 tokenizer's).
         specials: strings of <sosp>, <eosp>, [question], [answer].
     """
 
-    chat_template: str = LLAMA31_CHAT_TEMPLATE
+    chat_template: str = LLAMA31_CHAT_TEMPLATE  # what an extended plain tokenizer is saved with
 
-    def __init__(self, text_tokenizer: str | Path, num_units: int = 4096, specials: SpecialTokens = SpecialTokens()):
-        if num_units <= 0:
+    def __init__(self, text_tokenizer: str | Path, num_units: int | None = None,
+                 specials: SpecialTokens = SpecialTokens()):
+        if num_units is not None and num_units <= 0:
             raise ValueError(f"num_units must be positive, got {num_units}")
-        self.num_units = num_units
         self.specials = specials
-        path = Path(text_tokenizer)
-        if path.is_dir():
-            if (path / "tokenizer.json").exists():
-                path = path / "tokenizer.json"
-            elif (path / "tokenizer.model").exists():
-                path = path / "tokenizer.model"
+        path = _resolve(text_tokenizer)
+        self.text = _HFText(path, frozenset(specials.as_list())) if path.suffix == ".json" else _SPText(path)
+        self.base_vocab_size = self.text.vocab_size  # ids the text tokenizer's own files define
+        units, found = find_speech_tokens(self.text.added, specials, path)
+        self.units_in_vocabulary = bool(units)
+        for content, token_id in [*((unit_token(k), i) for k, i in units.items()), *found.items()]:
+            if self.text.token_id(content) != token_id:
+                raise _incompatible(path, f"token {content!r} is duplicated (ids {token_id} and "
+                                          f"{self.text.token_id(content)}): which one the model learned is ambiguous")
+        next_id = self.base_vocab_size
+        if units:
+            if num_units is not None and num_units != len(units):
+                raise _incompatible(path, f"the vocabulary holds {len(units)} unit tokens "
+                                          f"({unit_token(0)}..{unit_token(len(units) - 1)}), but num_units is "
+                                          f"{num_units}", "num_units")
+            unit_ids = np.array([units[k] for k in range(len(units))], dtype=np.int64)
+        else:
+            count = DEFAULT_NUM_UNITS if num_units is None else num_units
+            unit_ids = np.arange(next_id, next_id + count, dtype=np.int64)
+            next_id += count
+        special_ids = []
+        for s in specials.as_list():
+            if s in found:
+                special_ids.append(found[s])
             else:
-                raise FileNotFoundError(f"{path}: no tokenizer.json or tokenizer.model in this directory")
-        elif not path.exists():
-            raise FileNotFoundError(f"{path}: tokenizer file not found")
-        ours = set(specials.as_list()) | {f"<{k}>" for k in range(num_units)}
-        self.text = _HFText(path, ours) if path.suffix == ".json" else _SPText(path)
-
-        self.base_vocab_size = self.text.vocab_size
-        self.unit_offset = self.base_vocab_size
-        self.sosp_id, self.eosp_id, self.question_id, self.answer_id = range(
-            self.unit_offset + num_units, self.unit_offset + num_units + 4)
-        self.vocab_size = self.unit_offset + num_units + 4
+                special_ids.append(next_id)
+                next_id += 1
+        self.vocab_size = next_id
+        self.layout = UnitLayout(unit_ids, self.vocab_size)
+        self.num_units = self.layout.num_units
+        self.sosp_id, self.eosp_id, self.question_id, self.answer_id = special_ids
+        if units and next_id > self.base_vocab_size:
+            logger.warning("%s holds speech units but not %s: appended at ids %d..%d", path,
+                           [s for s in specials.as_list() if s not in found], self.base_vocab_size, next_id - 1)
         self.eod_id, self.bos_id = self.text.eod_id, self.text.bos_id
+        ours = set(special_ids)
+        self._control_ids = frozenset(i for i in self.text.special_added
+                                      if i not in ours and not self.layout.is_unit(i))
         # Strings encoded to one id without BPE (besides "<k>" units), and their ids.
-        ours_ids = dict(zip(specials.as_list(), range(self.sosp_id, self.vocab_size)))
-        self._marker_ids = {**self.text.markers, **ours_ids}
+        self._marker_ids = {**self.text.markers, **dict(zip(specials.as_list(), special_ids))}
         self._marker_strs = {v: k for k, v in self._marker_ids.items()}
         # Longest alternative first so e.g. "<sosp>" never loses to a shorter marker at the same position.
         alts = [re.escape(s) for s in sorted(self._marker_ids, key=len, reverse=True)]
-        self._marker_re = re.compile("|".join(alts + [r"<(0|[1-9][0-9]{0,8})>"]))
+        self._marker_re = re.compile("|".join(alts + [UNIT_TOKEN.pattern]))
+        self._identity: dict | None = None
+        if isinstance(self.text, _HFText):
+            self._check_backend_agrees(path)
+
+    def _check_backend_agrees(self, path: Path) -> None:
+        """Tokens the text tokenizer itself holds must encode as it encodes them (an added token with lstrip,
+        rstrip or normalisation would not): one probe string through both, compared id for id."""
+        held = [t for t in (self.specials.as_list() + [unit_token(0), unit_token(self.num_units - 1)])
+                if self.text.tok.token_to_id(t) is not None and self.text.tok.token_to_id(t) < self.base_vocab_size]
+        if not held:
+            return
+        probe = "a " + " b ".join(held) + " c"
+        theirs = self.text.tok.encode(probe, add_special_tokens=False).ids
+        ours = self.encode_text(probe)
+        if theirs != ours:
+            raise _incompatible(path, f"{probe!r} encodes to {theirs} through the tokenizer but to {ours} as "
+                                      "separate tokens: its speech tokens strip or normalise surrounding text")
+
+    # ------------------------------------------------------------------------------------------ loading
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "SpeechTextTokenizer":
-        """Restore a tokenizer written by `save_pretrained`."""
+        """A tokenizer directory that speaks units: one written by `save_pretrained`, or any HF tokenizer whose
+        vocabulary holds the unit tokens (a released speech LM). `cslm_tokenizer.json`, when present, is
+        checked against what the vocabulary says."""
         path = Path(path)
         meta_path = path / META_FILE
         if not meta_path.exists():
-            raise FileNotFoundError(f"{meta_path} not found: {path} was not written by SpeechTextTokenizer."
-                                    "save_pretrained (use SpeechTextTokenizer(path) for a plain text tokenizer)")
+            tok = cls(path)
+            if not tok.units_in_vocabulary:
+                raise _incompatible(path, f"holds no speech unit tokens ({unit_token(0)}...) and no {META_FILE}: "
+                                          "a plain text tokenizer; extend it with SpeechTextTokenizer(path) or "
+                                          "SpeechTextTokenizer.load(path, num_units)")
+            return tok
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        tok = cls(path / meta["text_tokenizer"], meta["num_units"], SpecialTokens(**meta["specials"]))
-        if tok.base_vocab_size != meta["base_vocab_size"]:
-            raise ValueError(f"{path}: base vocab has {tok.base_vocab_size} ids, {META_FILE} says "
-                             f"{meta['base_vocab_size']}")
+        tok = cls(path / meta.get("text_tokenizer", "tokenizer.json"), meta["num_units"],
+                  SpecialTokens(**meta["specials"]))
+        tok._check_cache(meta, meta_path)
         return tok
 
     @classmethod
     def load(cls, path: str | Path, num_units: int | None = None) -> "SpeechTextTokenizer":
-        """A saved SpeechTextTokenizer directory (num_units, if given, must match it), or a plain text tokenizer
+        """A tokenizer that speaks units (num_units, if given, must match it), or a plain text tokenizer
         extended with `num_units` (default 4,096) units."""
         if (Path(path) / META_FILE).exists():
             tok = cls.from_pretrained(path)
             if num_units is not None and tok.num_units != num_units:
-                raise ValueError(f"{path} was saved with {tok.num_units} units, but num_units={num_units}")
+                raise _incompatible(path, f"holds {tok.num_units} units, but num_units is {num_units}", "num_units")
             return tok
-        return cls(path, 4096 if num_units is None else num_units)
+        return cls(path, num_units)
+
+    def _cache(self) -> dict:
+        units = ({"offset": self.layout.offset} if self.layout.offset is not None
+                 else {"ids": self.layout.ids.tolist()})
+        return {"format": META_FORMAT, "num_units": self.num_units, "specials": asdict(self.specials),
+                "vocab_size": self.vocab_size, "unit_ids": units,
+                "special_ids": dict(zip(self.specials.as_list(), self.special_ids))}
+
+    def _check_cache(self, meta: dict, where: Path) -> None:
+        """Stop if the cache disagrees with what the vocabulary says, naming both values."""
+        if meta.get("format", 1) == 1:  # units at base_vocab_size + k, then the four specials
+            offset = meta["base_vocab_size"]
+            meta = {"vocab_size": offset + meta["num_units"] + 4, "unit_ids": {"offset": offset},
+                    "special_ids": dict(zip(self.specials.as_list(), range(offset + meta["num_units"],
+                                                                           offset + meta["num_units"] + 4)))}
+        read = self._cache()
+        if meta["vocab_size"] != read["vocab_size"]:
+            raise _incompatible(where, f"says {meta['vocab_size']} ids, the vocabulary has {read['vocab_size']}",
+                                "vocab_size")
+        cached = meta["unit_ids"]
+        cached_ids = (np.arange(cached["offset"], cached["offset"] + self.num_units) if "offset" in cached
+                      else np.asarray(cached["ids"], dtype=np.int64))
+        if cached_ids.shape != self.layout.ids.shape or not np.array_equal(cached_ids, self.layout.ids):
+            k = next((k for k in range(min(cached_ids.size, self.num_units)) if cached_ids[k] != self.layout.ids[k]),
+                     min(cached_ids.size, self.num_units))
+            said = int(cached_ids[k]) if k < cached_ids.size else "no id"
+            has = int(self.layout.ids[k]) if k < self.num_units else "no id"
+            raise _incompatible(where, f"says unit {unit_token(k)} is id {said}, the vocabulary has {has}",
+                                "unit_ids")
+        for name, token_id in meta["special_ids"].items():
+            if read["special_ids"].get(name) != token_id:
+                raise _incompatible(where, f"says {name} is id {token_id}, the vocabulary has "
+                                           f"{read['special_ids'].get(name)}", "special_ids")
+
+    # ------------------------------------------------------------------------------------------ ids
+
+    @property
+    def special_ids(self) -> tuple[int, int, int, int]:
+        """Ids of <sosp>, <eosp>, [question], [answer]."""
+        return self.sosp_id, self.eosp_id, self.question_id, self.answer_id
+
+    @property
+    def unit_offset(self) -> int:
+        """Id of unit 0 when the unit ids are contiguous; arithmetic on it is wrong for any other layout, so
+        it raises there (use `unit_id`, `unit_of`, `layout`)."""
+        if self.layout.offset is None:
+            raise ValueError(f"unit ids are not contiguous ({self.layout.describe()}): map units through "
+                             "tokenizer.layout, not an offset")
+        return self.layout.offset
 
     @property
     def control_ids(self) -> frozenset[int]:
         """Control tokens of the text vocabulary (chat headers, <|eot_id|>, reserved specials, <s>): never text."""
-        return self.text.control_ids
+        return self._control_ids
 
     def padded_vocab_size(self, multiple: int) -> int:
         """Vocab size rounded up to `multiple` (Megatron pads embeddings for tensor-parallel splits)."""
         return -(-self.vocab_size // multiple) * multiple
 
+    def unit_id(self, unit: int) -> int:
+        """Token id of unit `unit` (in [0, num_units))."""
+        if not 0 <= unit < self.num_units:
+            raise ValueError(f"unit {unit} out of range [0, {self.num_units})")
+        return self.layout.id_of(unit)
+
+    def unit_of(self, token_id: int) -> int:
+        """Unit of a token id, -1 when it is not a unit."""
+        return self.layout.unit_of(token_id)
+
     def is_unit(self, token_id: int) -> bool:
-        return self.unit_offset <= token_id < self.unit_offset + self.num_units
+        return self.layout.unit_of(token_id) >= 0
+
+    def count_speech_tokens(self, ids: np.ndarray) -> tuple[int, int]:
+        """(unit tokens, special tokens of ours) among `ids`, vectorised, whatever the layout."""
+        units = int(np.count_nonzero(self.layout.mask(ids)))
+        specials = sum(int(np.count_nonzero(ids == s)) for s in self.special_ids)
+        return units, specials
+
+    def token_string(self, token_id: int) -> str:
+        """The vocabulary entry of an id: the text tokenizer's piece, or the appended unit/special string."""
+        self._check_id(token_id)
+        if token_id < self.base_vocab_size:
+            return self.text.piece(token_id)
+        unit = self.layout.unit_of(token_id)
+        return unit_token(unit) if unit >= 0 else self._marker_strs[token_id]
+
+    def identity(self) -> dict:
+        """Vocabulary size, unit layout, EOD and a fingerprint of every vocabulary entry in id order: equal for
+        the same vocabulary however its files are written, different for any change of ids."""
+        if self._identity is None:
+            h = hashlib.sha256()
+            for i in range(self.vocab_size):
+                h.update(self.token_string(i).encode("utf-8", "surrogatepass") + b"\0")
+            h.update(json.dumps({"eod_id": self.eod_id, "specials": self.specials.as_list()}).encode())
+            self._identity = {"vocab_size": self.vocab_size, "num_units": self.num_units,
+                              "unit_offset": self.layout.offset, "eod_id": self.eod_id,
+                              "fingerprint": "sha256:" + h.hexdigest()}
+        return self._identity
+
+    # ------------------------------------------------------------------------------------------ encoding
 
     def encode_text(self, text: str) -> list[int]:
         """Tokenize text (no BOS); "<k>" unit strings and special strings map to their ids."""
@@ -221,6 +415,7 @@ class SpeechTextTokenizer:
         """Split each text at unit/special markers, BPE all plain pieces in one batch call, reassemble."""
         plans: list[list[int | None]] = []  # token ids, with None where the next BPE'd piece goes
         pieces: list[str] = []
+        unit_ids = self.layout.id_of
         for text in texts:
             plan, pos = [], 0
             for m in self._marker_re.finditer(text):
@@ -230,7 +425,7 @@ class SpeechTextTokenizer:
                 if m.start() > pos:
                     pieces.append(text[pos:m.start()])
                     plan.append(None)
-                plan.append(self.unit_offset + int(unit) if unit is not None else self._marker_ids[m.group()])
+                plan.append(unit_ids(int(unit)) if unit is not None else self._marker_ids[m.group()])
                 pos = m.end()
             if pos < len(text):
                 pieces.append(text[pos:])
@@ -249,18 +444,13 @@ class SpeechTextTokenizer:
         return out
 
     def encode_units(self, units: Sequence[int], wrap: bool = True) -> list[int]:
-        """Unit ids by arithmetic; raises ValueError for non-integers or units outside [0, num_units)."""
+        """Unit ids (through the layout); raises ValueError for non-integers or units outside [0, num_units)."""
         return self._unit_ids(units, wrap).tolist()
 
-    def _unit_ids(self, units: Sequence[int], wrap: bool) -> np.ndarray:
-        arr = np.asarray(units)
-        if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
-            raise ValueError(f"units must be a flat list of integers, got dtype {arr.dtype}")
-        if arr.size and (arr.min() < 0 or arr.max() >= self.num_units):
-            bad = int(arr[(arr < 0) | (arr >= self.num_units)][0])
-            raise ValueError(f"unit {bad} out of range [0, {self.num_units})")
+    def _unit_ids(self, units: Sequence[int], wrap: bool, allow_empty: bool = True) -> np.ndarray:
+        arr = check_units(units, self.num_units, allow_empty=allow_empty)
         ids = np.empty(arr.size + 2 * wrap, dtype=np.int64)
-        np.add(arr, self.unit_offset, out=ids[wrap:ids.size - wrap])
+        self.layout.ids_of(arr, out=ids[wrap:ids.size - wrap])
         if wrap:
             ids[0], ids[-1] = self.sosp_id, self.eosp_id
         return ids
@@ -270,34 +460,31 @@ class SpeechTextTokenizer:
         """Ids of each segment ({"text": str} or {"units": [int, ...]}, units wrapped in sosp/eosp).
 
         Text segments are tokenized in one batch call. `as_arrays` returns int64 arrays instead of lists, which
-        saves bulk pipelines two conversions per unit. Raises SegmentError naming the bad segment.
+        saves bulk pipelines two conversions per unit. Raises CslmError naming the bad segment's field.
         """
         segments = list(segments)
         out: list[list[int] | None] = [None] * len(segments)
         texts, where = [], []
         for i, seg in enumerate(segments):
             if not isinstance(seg, dict):
-                raise SegmentError(f"segments[{i}]", "wrong_type", f"expected an object, got {type(seg).__name__}")
+                raise CslmError.in_field(f"segments[{i}]", f"expected an object, got {type(seg).__name__}",
+                                         "wrong_type")
             if "units" in seg:
-                units = seg["units"]
-                if not isinstance(units, (list, np.ndarray)):
-                    raise SegmentError(f"segments[{i}].units", "wrong_type", "expected a list of unit ids")
-                if not len(units):
-                    raise SegmentError(f"segments[{i}].units", "empty", "expected a non-empty list of unit ids")
                 try:
-                    out[i] = self._unit_ids(units, wrap=True)
-                except ValueError as e:
-                    raise SegmentError(f"segments[{i}].units", "bad_units", str(e)) from None
+                    out[i] = self._unit_ids(seg["units"], wrap=True, allow_empty=False)
+                except UnitListError as e:
+                    kind = e.reason if e.reason in ("wrong_type", "empty") else "bad_units"
+                    raise CslmError.in_field(f"segments[{i}].units", e.message, kind) from None
             elif "text" in seg:
                 text = seg["text"]
                 if not isinstance(text, str):
-                    raise SegmentError(f"segments[{i}].text", "wrong_type", "expected a string")
+                    raise CslmError.in_field(f"segments[{i}].text", "expected a string", "wrong_type")
                 if not text:
-                    raise SegmentError(f"segments[{i}].text", "empty", "expected a non-empty string")
+                    raise CslmError.in_field(f"segments[{i}].text", "expected a non-empty string", "empty")
                 texts.append(text)
                 where.append(i)
             else:
-                raise SegmentError(f"segments[{i}]", "missing_field", "needs a 'text' or a 'units' field")
+                raise CslmError.in_field(f"segments[{i}]", "needs a 'text' or a 'units' field", "missing_field")
         for i, ids in zip(where, self._encode_texts(texts) if texts else []):
             out[i] = np.array(ids, dtype=np.int64) if as_arrays else ids
         if not as_arrays:
@@ -308,6 +495,8 @@ class SpeechTextTokenizer:
         """Concatenated ids of `segments` (see `encode_each_segment`)."""
         return [i for ids in self.encode_each_segment(segments) for i in ids]
 
+    # ------------------------------------------------------------------------------------------ decoding
+
     def _check_id(self, token_id: int) -> None:
         if not 0 <= token_id < self.vocab_size:
             raise ValueError(f"token id {token_id} out of range [0, {self.vocab_size})")
@@ -316,14 +505,15 @@ class SpeechTextTokenizer:
         """Text with units rendered as "<k>" and specials as their strings (inverse of `encode_text`)."""
         out, run = [], []
         for i in map(int, ids):
-            if 0 <= i < self.base_vocab_size and i not in self._marker_strs:
+            self._check_id(i)
+            unit = self.layout.unit_of(i)
+            if unit < 0 and i not in self._marker_strs:
                 run.append(i)
                 continue
-            self._check_id(i)
             if run:
                 out.append(self.text.decode(run))
                 run = []
-            out.append(f"<{i - self.unit_offset}>" if self.is_unit(i) else self._marker_strs[i])
+            out.append(unit_token(unit) if unit >= 0 else self._marker_strs[i])
         if run:
             out.append(self.text.decode(run))
         return "".join(out)
@@ -331,19 +521,22 @@ class SpeechTextTokenizer:
     def split(self, ids: Sequence[int]) -> list[Segment]:
         """Text and unit segments; a run of units loses the <sosp>/<eosp> that directly enclose it."""
         ids = [int(i) for i in ids]
+        unit_of = self.layout.unit_of
         segments: list[Segment] = []
         text_run: list[int] = []
         i, n = 0, len(ids)
         while i < n:
             start = i + 1 if ids[i] == self.sosp_id else i
             j = start
-            while j < n and self.is_unit(ids[j]):
+            units = []
+            while j < n and (u := unit_of(ids[j])) >= 0:
+                units.append(u)
                 j += 1
             if j > start:  # a unit run starting at `start`, possibly wrapped
                 if text_run:
                     segments.append(Segment("text", text=self.decode(text_run)))
                     text_run = []
-                segments.append(Segment("units", units=[t - self.unit_offset for t in ids[start:j]]))
+                segments.append(Segment("units", units=units))
                 i = j + 1 if j < n and ids[j] == self.eosp_id else j
             else:
                 self._check_id(ids[i])
@@ -353,12 +546,13 @@ class SpeechTextTokenizer:
             segments.append(Segment("text", text=self.decode(text_run)))
         return segments
 
+    # ------------------------------------------------------------------------------------------ saving
+
     def save_pretrained(self, path: str | Path) -> None:
-        """Write HF tokenizer files (AutoTokenizer loads them unchanged) plus cslm_tokenizer.json for us."""
+        """Write HF tokenizer files (AutoTokenizer loads them unchanged) plus the cslm_tokenizer.json cache."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        meta = {"format": 1, "num_units": self.num_units, "specials": asdict(self.specials),
-                "base_vocab_size": self.base_vocab_size}
+        meta = self._cache()
         if isinstance(self.text, _SPText):
             # transformers converts SentencePiece models to tokenizer.json only per model family, so a saved
             # SentencePiece tokenizer is for from_pretrained, not AutoTokenizer.
@@ -374,22 +568,30 @@ class SpeechTextTokenizer:
         from tokenizers import AddedToken, Tokenizer
 
         tok = Tokenizer.from_str(self.text.tok.to_str())
-        tok.add_tokens([AddedToken(f"<{k}>", normalized=False, special=False) for k in range(self.num_units)])
-        tok.add_special_tokens([AddedToken(s, normalized=False, special=True) for s in self.specials.as_list()])
-        got = [tok.token_to_id(s) for s in ("<0>", self.specials.answer)]
-        if got != [self.unit_offset, self.vocab_size - 1]:
-            raise RuntimeError(f"added tokens got ids {got}, expected {[self.unit_offset, self.vocab_size - 1]}: "
-                               "the base vocabulary is not contiguous")
+        appended = [self.token_string(i) for i in range(self.base_vocab_size, self.vocab_size)]
+        units = [t for t in appended if UNIT_TOKEN.fullmatch(t)]
+        tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in units])
+        tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in appended[len(units):]])
+        got = [tok.token_to_id(t) for t in appended]
+        expected = list(range(self.base_vocab_size, self.vocab_size))
+        if got != expected:
+            bad = next(k for k, (g, e) in enumerate(zip(got, expected)) if g != e)
+            raise RuntimeError(f"added token {appended[bad]!r} got id {got[bad]}, expected {expected[bad]}: the "
+                               "base vocabulary is not contiguous")
         with atomic_path(path / "tokenizer.json") as tmp:
             tok.save(str(tmp))
         src = self.text.config
+        # A tokenizer that already spoke units keeps its own chat template (the format its model was trained
+        # with); an extended text tokenizer gets the Llama-3.1 template our SFT layout uses.
+        template = self.text.chat_template if self.units_in_vocabulary and self.text.chat_template \
+            else self.chat_template
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": src.get("bos_token", None if self.bos_id is None else tok.id_to_token(self.bos_id)),
             "eos_token": src.get("eos_token", tok.id_to_token(self.eod_id)),
             "clean_up_tokenization_spaces": False,  # HF's cleanup would rewrite text ("a ." -> "a.")
             "model_max_length": src.get("model_max_length", 131072),
-            "chat_template": self.chat_template,
+            "chat_template": template,
         }
         if "pad_token" in src:
             config["pad_token"] = src["pad_token"]

@@ -37,15 +37,30 @@ def broadcast_batch(batch: dict | None) -> dict:
 
 def get_batch(data_iterator: Iterator | None) -> dict:
     """This rank's micro-batch on its device. Keys: tokens, position_ids, labels, loss_mask, loss_groups and,
-    for packed sequences, attention_mask (local spec) or packed_seq_params (TE spec)."""
+    for packed SFT bins, attention_mask (dense reference mask) or packed_seq_params: from `cu_seqlens` (THD,
+    bins flattened: TE) or `bin_cu_seqlens` (per-bin boundaries: the local spec's per-sample attention)."""
     from megatron.core import parallel_state
 
     batch = next(data_iterator) if parallel_state.get_tensor_model_parallel_rank() == 0 else None
     batch = broadcast_batch(batch)
     device = _device()
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    if "cu_seqlens" in batch:
-        from megatron_cslm.data.packing import packed_seq_params
-
-        batch["packed_seq_params"] = packed_seq_params(batch.pop("cu_seqlens"))
+    for key, make_params in _PACKED_PARAMS.items():
+        if key in batch:
+            batch["packed_seq_params"] = make_params(batch.pop(key))
     return batch
+
+
+def _thd_params(cu_seqlens):
+    from megatron_cslm.data.packing import packed_seq_params
+
+    return packed_seq_params(cu_seqlens)
+
+
+def _bin_params(cu_seqlens):
+    from megatron_cslm.models.attention import bin_packed_seq_params
+
+    return bin_packed_seq_params(cu_seqlens)
+
+
+_PACKED_PARAMS = {"cu_seqlens": _thd_params, "bin_cu_seqlens": _bin_params}  # collated key -> PackedSeqParams

@@ -8,9 +8,14 @@ the same sample index so masks stay aligned with tokens.
 
 The stream is a pure function of (seed, consumed samples, DP rank): resuming at the saved consumed-sample
 count replays exactly the samples an uninterrupted run would have seen.
+
+Start-up cost does not grow with the data: `check_indexed_dataset` reads the `.idx` and the small
+`<prefix>.meta.json` written by preprocessing/packing (`data/metadata.py`: tokenizer identity, largest id),
+never the `.bin` tokens; only a dataset without metadata gets a bounded sampled read.
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +23,11 @@ from typing import Iterator
 
 import numpy as np
 import torch
+
+from megatron_cslm.compat import sample_token_ids
+
+logger = logging.getLogger(__name__)
+SAMPLED_CHECK_DOCUMENTS = 1000  # documents read to check a dataset that has no metadata
 
 
 @dataclass(frozen=True)
@@ -57,20 +67,58 @@ def parse_data_path(items: list[str]) -> DataBlend:
     return DataBlend(prefixes, weights)
 
 
-def check_indexed_dataset(prefix: str, vocab_size: int) -> int:
-    """Fail at start-up, not at step 10,000: files present, and every token id below the model's vocab."""
+def check_indexed_dataset(prefix: str, vocab_size: int, identity: dict | None = None,
+                          sample_documents: int = SAMPLED_CHECK_DOCUMENTS) -> int:
+    """Fail at start-up, not at step 10,000, without reading the token payload (see `data/metadata.py`).
+
+    Checks: `.bin/.idx` present; the `.bin` holds exactly the bytes the `.idx` describes; the tokenizer
+    identity recorded at preprocessing equals `identity` (the run's tokenizer, when given); the recorded
+    largest id is below `vocab_size`. A dataset without metadata (Megatron-LM's preprocess_data.py) is
+    accepted with a warning after reading at most `sample_documents` documents. Returns the largest id
+    (recorded, or seen in the sample)."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megatron_cslm.data.metadata import identity_mismatch, metadata_path, read_dataset_metadata
 
     for suffix in (".bin", ".idx"):
         if not Path(prefix + suffix).exists():
             raise FileNotFoundError(f"--data-path {prefix}: {prefix + suffix} does not exist")
-    dataset = IndexedDataset(prefix, mmap=True)
-    tokens = np.memmap(prefix + ".bin", dtype=dataset.index.dtype, mode="r")
-    max_id = int(tokens.max()) if tokens.size else -1
+    dataset = IndexedDataset(prefix, mmap=True)  # reads the .idx; maps (does not read) the .bin
+    index = dataset.index
+    expected = int(index.sequence_lengths.astype(np.int64).sum()) * np.dtype(index.dtype).itemsize
+    actual = os.path.getsize(prefix + ".bin")
+    if actual != expected:
+        raise ValueError(f"--data-path {prefix}: {prefix}.bin has {actual} bytes but {prefix}.idx describes "
+                         f"{expected} ({len(index)} sequences of {np.dtype(index.dtype).name}); the pair is "
+                         "truncated or from different runs")
+    meta = read_dataset_metadata(prefix)
+    if meta is None:
+        max_id = _sampled_max_id(dataset, sample_documents)
+        logger.warning("--data-path %s: no %s (not built by this project's tools); checked token ids of at most "
+                       "%d sampled documents only (largest %d)", prefix, metadata_path(prefix).name,
+                       sample_documents, max_id)
+        source = f"a sample of {prefix}.bin"
+    else:
+        if identity is not None:
+            mismatch = identity_mismatch(meta["tokenizer"], identity)
+            if mismatch:
+                raise ValueError(f"--data-path {prefix}: built with another tokenizer: {mismatch}; rebuild it "
+                                 "with this run's tokenizer (tools/preprocess_data.py --tokenizer-model)")
+        max_id = int(meta["max_token_id"])
+        source = metadata_path(prefix).name
     if max_id >= vocab_size:
-        raise ValueError(f"--data-path {prefix}: token id {max_id} >= the model's vocabulary size {vocab_size}; "
-                         "the .idx/.bin was built with another tokenizer or --num-units")
+        raise ValueError(f"--data-path {prefix}: token id {max_id} >= the model's vocabulary size {vocab_size} "
+                         f"(from {source}); the .idx/.bin was built with another tokenizer or --num-units")
     return max_id
+
+
+def _sampled_max_id(dataset, documents: int) -> int:
+    """Largest id in at most `documents` sequences spread evenly over the dataset (bounded reading)."""
+    n = len(dataset)
+    if n == 0:
+        return -1
+    picks = np.unique(np.linspace(0, n - 1, num=min(n, documents)).astype(np.int64))
+    return max(int(dataset[int(i)].max()) if dataset[int(i)].size else -1 for i in picks)
 
 
 class _TokenizerInfo:
@@ -100,7 +148,7 @@ def _loss_masked_gpt_dataset():
             if self.mask_dataset is not None and idx is not None:
                 tokens_dataset, self.dataset = self.dataset, self.mask_dataset
                 try:
-                    mask, _ = self._query_document_sample_shuffle_indices(idx)
+                    mask = sample_token_ids(self, idx)  # private megatron-core API, wrapped in compat.py
                 finally:
                     self.dataset = tokens_dataset
                 sample["loss_mask"] = sample["loss_mask"] * torch.from_numpy((mask[1:] == 1).astype(np.float32))

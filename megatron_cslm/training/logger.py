@@ -8,9 +8,8 @@ from __future__ import annotations
 import math
 import time
 
-import torch
-
 from megatron_cslm.models.flops import mfu
+from megatron_cslm.training.profiling import PHASES, memory_stats
 
 
 class TrainingLogger:
@@ -53,8 +52,10 @@ class TrainingLogger:
         if self.wandb:
             self.wandb.log({f"{prefix}{k}": v for k, v in values.items()}, step=step)
 
-    def flush(self, iteration: int, lr: float, grad_norm: float | None, total_iters: int) -> dict[str, float]:
-        """Write the interval's averages; returns them (losses per group, throughput, MFU)."""
+    def flush(self, iteration: int, lr: float, grad_norm: float | None, total_iters: int,
+              phases: dict[str, float] | None = None) -> dict[str, float]:
+        """Write the interval's averages; returns them (losses per group, throughput, MFU, seconds per step
+        of each phase in `phases` (summed over the interval), memory)."""
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         losses = {name: s / n for name, (s, n) in self.sums.items() if n > 0}
         tokens_per_s = self.tokens / elapsed
@@ -67,14 +68,17 @@ class TrainingLogger:
             "throughput/mfu": mfu(per_gpu, self.flops_per_token, self.peak_tflops),
             "time/step_s": elapsed / max(self.steps, 1),
         })
-        if torch.cuda.is_available():
-            values["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        steps = max(self.steps, 1)
+        values.update({f"time/{name}_s": seconds / steps for name, seconds in (phases or {}).items()})
+        values.update(memory_stats())
         if self.enabled:
             parts = " | ".join(f"{k} {v:.4f}" for k, v in sorted(losses.items()))
             print(f" iteration {iteration:8d}/{total_iters} | {parts} | lr {lr:.3e} | grad norm "
                   f"{values['grad_norm']:.3f} | {tokens_per_s:,.0f} tok/s | "
-                  f"{values['throughput/tflops_per_gpu']:.3g} TFLOP/s/GPU | MFU {100 * values['throughput/mfu']:.3g}% | "
-                  f"{1000 * values['time/step_s']:.0f} ms/step", flush=True)
+                  f"{values['throughput/tflops_per_gpu']:.3g} TFLOP/s/GPU | "
+                  f"MFU {100 * values['throughput/mfu']:.3g}% | "
+                  f"{1000 * values['time/step_s']:.0f} ms/step{_phase_text(values)} | {_memory_text(values)}",
+                  flush=True)
             self.scalars("train/", values, iteration)
         self._reset()
         return values
@@ -92,3 +96,15 @@ class TrainingLogger:
             self.writer.close()
         if self.wandb:
             self.wandb.finish()
+
+
+def _phase_text(values: dict[str, float]) -> str:
+    """' (data 3 | forward-backward 120 | optimizer 8 | checkpoint 0 ms)' for the phases measured."""
+    parts = [f"{name} {1000 * values[f'time/{name}_s']:.0f}" for name in PHASES if f"time/{name}_s" in values]
+    return f" ({' | '.join(parts)} ms)" if parts else ""
+
+
+def _memory_text(values: dict[str, float]) -> str:
+    if "memory/max_allocated_gib" in values:
+        return f"peak GPU memory {values['memory/max_allocated_gib']:.2f} GiB"
+    return f"peak RSS {values['memory/peak_rss_gib']:.2f} GiB"

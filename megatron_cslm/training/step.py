@@ -7,6 +7,7 @@ Every loss is also split by a per-token group id (data source in pretraining, TQ
 """
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 from typing import Iterator, Sequence
 
@@ -71,17 +72,21 @@ def run_schedule(model: list, data_iterator: Iterator, *, num_microbatches: int,
 
 def train_step(model: list, optimizer, scheduler, data_iterator: Iterator, *, num_microbatches: int,
                seq_length: int, micro_batch_size: int, global_batch_size: int, group_names: Sequence[str],
-               group_weights: torch.Tensor | None = None) -> dict:
-    """Forward/backward over all micro-batches, then one optimizer step. Returns reduced stats."""
-    for chunk in model:
-        chunk.zero_grad_buffer()
-    optimizer.zero_grad()
-    losses = run_schedule(model, data_iterator, num_microbatches=num_microbatches, seq_length=seq_length,
-                          micro_batch_size=micro_batch_size, forward_only=False, group_names=group_names,
-                          group_weights=group_weights)
-    update_ok, grad_norm, _ = optimizer.step()
-    if update_ok:
-        scheduler.step(increment=global_batch_size)
+               group_weights: torch.Tensor | None = None, timers=None) -> dict:
+    """Forward/backward over all micro-batches, then one optimizer step. Returns reduced stats.
+    `timers` (training.profiling.PhaseTimers), when given, receives the forward-backward and optimizer times."""
+    phase = timers.phase if timers is not None else (lambda name: contextlib.nullcontext())
+    with phase("forward-backward"):
+        for chunk in model:
+            chunk.zero_grad_buffer()
+        optimizer.zero_grad()
+        losses = run_schedule(model, data_iterator, num_microbatches=num_microbatches, seq_length=seq_length,
+                              micro_batch_size=micro_batch_size, forward_only=False, group_names=group_names,
+                              group_weights=group_weights)
+    with phase("optimizer"):
+        update_ok, grad_norm, _ = optimizer.step()
+        if update_ok:
+            scheduler.step(increment=global_batch_size)
     return {"losses": reduce_loss_stats(losses, group_names), "grad_norm": grad_norm, "update_ok": update_ok}
 
 

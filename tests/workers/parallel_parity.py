@@ -9,10 +9,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megatron_cslm.checkpoint.save_load import load_checkpoint, save_checkpoint
 from megatron_cslm.distributed import parallel
 from megatron_cslm.models.llama import ARCHS, PrecisionConfig, padded_vocab_size, transformer_config
-from megatron_cslm.checkpoint.save_load import load_checkpoint, save_checkpoint
-from megatron_cslm.training.setup import OptimConfig, build_model, build_optimizer
+from megatron_cslm.training.config import OptimConfig
+from megatron_cslm.training.setup import build_model, build_optimizer
 from megatron_cslm.training.step import forward_logits, train_step
 
 out_dir = Path(sys.argv[1])
@@ -53,19 +54,22 @@ def main():
         load_checkpoint(out_dir / "ckpt", 0, model, None, None, restore_rng=False)
         out = forward_logits(model, [{k: samples[0][k] for k in ("tokens", "position_ids")}], SEQ, 1)
         if out:
-            results[f"logits_tp{tp}_pp{pp}"] = (out[0][..., :arch.vocab_size] - ref[..., :arch.vocab_size]).abs().max().item()
+            diff = out[0][..., :arch.vocab_size] - ref[..., :arch.vocab_size]
+            results[f"logits_tp{tp}_pp{pp}"] = diff.abs().max().item()
 
     for tp, pp, mbs in [(1, 1, 1), (2, 2, 2)]:
         model, cfg = setup(tp, pp, ddp=True)
-        optimizer, scheduler = build_optimizer(model, OptimConfig(lr=1e-2, lr_warmup_fraction=0.0, clip_grad=0.5),
-                                               cfg, train_steps=3, global_batch_size=GLOBAL_BATCH)
+        optimizer, scheduler = build_optimizer(
+            model, OptimConfig(train_iters=3, lr=1e-2, lr_warmup_fraction=0.0, clip_grad=0.5), cfg,
+            global_batch_size=GLOBAL_BATCH)
         load_checkpoint(out_dir / "ckpt", 0, model, None, None, restore_rng=False)
         optimizer.reload_model_params()
         losses = []
-        for step in range(3):
+        for _step in range(3):
             mbs_list = micro_batches(mbs)
             stats = train_step(model, optimizer, scheduler, iter(mbs_list), num_microbatches=len(mbs_list),
-                               seq_length=SEQ, micro_batch_size=mbs, global_batch_size=GLOBAL_BATCH, group_names=["all"])
+                               seq_length=SEQ, micro_batch_size=mbs, global_batch_size=GLOBAL_BATCH,
+                               group_names=["all"])
             if stats["losses"]:
                 s, n = stats["losses"]["lm loss"]
                 losses.append(s / n)

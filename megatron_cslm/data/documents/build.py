@@ -30,16 +30,22 @@ from typing import Callable, Iterable
 
 from tqdm import tqdm
 
-from megatron_cslm.fileio import DataError, SkipCounter, atomic_open, iter_jsonl, write_json
 from megatron_cslm.data.documents.interleave import interleave_chunks, interleave_segments
-from megatron_cslm.data.documents.records import (Conversation, ParallelRecord, SpeechRecord, parse_conversation,
-                                           parse_parallel, parse_speech)
+from megatron_cslm.data.documents.records import (
+    InstructionRecord,
+    ParallelRecord,
+    SpeechRecord,
+    parse_instruction,
+    parse_parallel,
+    parse_speech,
+)
 from megatron_cslm.data.documents.templates import Templates, render
+from megatron_cslm.fileio import DataError, SkipCounter, atomic_open, iter_jsonl, write_json
+from megatron_cslm.text.chat import BOS, EOT, header
 
 # recipe -> the input kind it reads
 RECIPES: dict[str, str] = {"asr": "speech", "tts": "speech", "interleave": "speech",
                            "translate": "parallel", "cross_speech": "parallel", "replay": "instruct"}
-BOS, EOT = "<|begin_of_text|>", "<|eot_id|>"
 
 
 @dataclass(frozen=True)
@@ -127,12 +133,12 @@ def cross_speech_document(pair: ParallelRecord, templates: Templates, rng: rando
     return _doc("cross_speech", pair.id, f"{src}-{tgt}", render(template, values))
 
 
-def replay_document(conv: Conversation, mask_prompt: bool = False) -> dict:
+def replay_document(conv: InstructionRecord, mask_prompt: bool = False) -> dict:
     """Llama-3.1 chat rendering (the tokenizer's ``chat_template``, no system prompt added). Prompt segments
     are everything up to and including each ``assistant`` header; replies are separate segments."""
     segments, prompt = [], BOS
     for role, content in conv.turns:
-        prompt += f"<|start_header_id|>{role}<|end_header_id|>\n\n"
+        prompt += header(role)
         if role == "assistant":
             segments.append({"text": prompt, "loss": False} if mask_prompt else {"text": prompt})
             segments.append({"text": content + EOT})
@@ -164,8 +170,9 @@ def build_pretrain_data(out_dir: str | Path, speech: Iterable[str | Path] = (), 
     """Write ``<recipe>.jsonl`` for every recipe in `config` and ``stats.json``; returns the counters.
 
     Per recipe, ``read == written + skipped`` where skip reasons are ``sampled_out`` (probability), ``too_short``
-    (interleave: under two words), ``no_speech`` (cross_speech: no side has units) and ``bad_record`` (only with
-    ``skip_bad_records``; otherwise the first bad record raises DataError and nothing is written).
+    (interleave: under two words), ``no_speech`` (cross_speech: no side has units), and ``bad_record``,
+    ``malformed_json`` and ``not_utf8`` (only with ``skip_bad_records``; otherwise the first bad record raises
+    DataError and nothing is written).
     """
     out_dir = Path(out_dir)
     inputs = {"speech": [str(p) for p in speech], "parallel": [str(p) for p in parallel],
@@ -175,7 +182,7 @@ def build_pretrain_data(out_dir: str | Path, speech: Iterable[str | Path] = (), 
         raise ValueError(f"recipe(s) {missing} need {sorted({RECIPES[r] for r in missing})} input files")
     parsers = {"speech": lambda raw, path, line: parse_speech(raw, path, line, config.num_units),
                "parallel": lambda raw, path, line: parse_parallel(raw, path, line, config.langs, config.num_units),
-               "instruct": parse_conversation}
+               "instruct": parse_instruction}
     builders = _builders(config)
     counters = {r: SkipCounter() for r in config.recipes}
 
@@ -192,7 +199,10 @@ def build_pretrain_data(out_dir: str | Path, speech: Iterable[str | Path] = (), 
             if not recipes:
                 continue
             for path in paths:
-                for line, raw in tqdm(iter_jsonl(path), desc=Path(path).name, unit=" rec", disable=not progress):
+                unreadable = SkipCounter() if config.skip_bad_records else None  # malformed JSON / not UTF-8 lines
+                # progress bars on a terminal only (disable=None): piped logs keep one line per event
+                for line, raw in tqdm(iter_jsonl(path, unreadable), desc=Path(path).name, unit=" rec",
+                                      disable=None if progress else True):
                     for r in recipes:
                         counters[r].read += 1
                     try:
@@ -215,6 +225,8 @@ def build_pretrain_data(out_dir: str | Path, speech: Iterable[str | Path] = (), 
                             continue
                         outs[r].write(json.dumps(doc, ensure_ascii=False) + "\n")
                         counters[r].written += 1
+                for r in recipes if unreadable is not None else ():
+                    counters[r].merge(unreadable)
     write_json(out_dir / "stats.json", {
         "inputs": inputs,
         "config": {"recipes": list(config.recipes), "p": {r: config.p.get(r, 1.0) for r in config.recipes},

@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 from typing import Sequence
 
-from megatron_cslm.data.chunking import Chunk, align_chunks, is_spoken, split_pieces
+from megatron_cslm.data.chunking import AnswerChunk, align_chunks, is_spoken, split_pieces
 
 
 def chunk_sizes(n_words: int, chunk_words: tuple[int, int], rng: random.Random) -> list[int]:
@@ -30,7 +30,7 @@ def chunk_sizes(n_words: int, chunk_words: tuple[int, int], rng: random.Random) 
 
 
 def interleave_chunks(text: str, units: Sequence[int], words: Sequence[dict] | None,
-                      chunk_words: tuple[int, int], rng: random.Random) -> list[Chunk] | None:
+                      chunk_words: tuple[int, int], rng: random.Random) -> list[AnswerChunk] | None:
     """Cut an utterance into random-length word chunks with their units; None if it has fewer than 2 words.
 
     Raises ValueError if `words` timestamps do not appear in order in `text`.
@@ -48,7 +48,7 @@ def interleave_chunks(text: str, units: Sequence[int], words: Sequence[dict] | N
     return align_chunks(text, texts, units, words)
 
 
-def interleave_segments(chunks: Sequence[Chunk], rng: random.Random) -> list[dict] | None:
+def interleave_segments(chunks: Sequence[AnswerChunk], rng: random.Random) -> list[dict] | None:
     """Alternate text and speech over `chunks`, starting with either at random; None if a speech chunk would be
     empty (an utterance with fewer units than words)."""
     speech_first = rng.random() < 0.5

@@ -12,22 +12,15 @@ Accepted inputs:
 """
 from __future__ import annotations
 
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_cslm.data.chunking import check_words
 from megatron_cslm.fileio import DataError, require
+from megatron_cslm.text.language import guess_lang  # the project's one language rule (used when "lang" is absent)
+from megatron_cslm.text.units import UnitListError, check_units
 
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
-
-
-def guess_lang(text: str) -> str:
-    """"zh" when CJK characters make up at least 30% of the letters/digits, else "en" (the only two the
-    default templates cover); used when a record carries no "lang"."""
-    alnum = [c for c in text if c.isalnum()]
-    wide = sum(unicodedata.east_asian_width(c) in ("W", "F") for c in alnum)
-    return "zh" if alnum and wide >= 0.3 * len(alnum) else "en"
 
 
 def _text(record: dict, key: str, path: str, line: int, where: str | None = None) -> str:
@@ -38,13 +31,12 @@ def _text(record: dict, key: str, path: str, line: int, where: str | None = None
 
 
 def _units(value: object, path: str, line: int, key: str, num_units: int) -> list[int]:
-    if not isinstance(value, list) or not value:
+    if not isinstance(value, list):
         raise DataError(path, line, key, "expected a non-empty list of unit ids")
-    for i, u in enumerate(value):
-        if not isinstance(u, int) or isinstance(u, bool):
-            raise DataError(path, line, key, f"element {i} is {u!r}, not an integer unit id")
-        if not 0 <= u < num_units:
-            raise DataError(path, line, key, f"element {i} = {u} is outside [0, {num_units})")
+    try:
+        check_units(value, num_units, strict=True)
+    except UnitListError as e:
+        raise DataError(path, line, key, e.message) from None
     return value
 
 
@@ -107,7 +99,7 @@ def parse_parallel(record: dict, path: str, line: int, langs: tuple[str, str], n
 
 
 @dataclass(frozen=True)
-class Conversation:
+class InstructionRecord:
     """Chat turns as (role, content), roles normalised to system/user/assistant, ending with the assistant."""
 
     id: str
@@ -115,7 +107,7 @@ class Conversation:
     turns: list[tuple[str, str]]
 
 
-def parse_conversation(record: dict, path: str, line: int) -> Conversation:
+def parse_instruction(record: dict, path: str, line: int) -> InstructionRecord:
     if "prompt" in record or "response" in record:
         turns = [("user", _text(record, "prompt", path, line)), ("assistant", _text(record, "response", path, line))]
     else:
@@ -140,4 +132,4 @@ def parse_conversation(record: dict, path: str, line: int) -> Conversation:
         if not turns or turns[-1][0] != "assistant":
             raise DataError(path, line, key, "the conversation must end with an assistant turn")
     lang = _lang(record, " ".join(c for _, c in turns), path, line)
-    return Conversation(_record_id(record, path, line), lang, turns)
+    return InstructionRecord(_record_id(record, path, line), lang, turns)

@@ -1,0 +1,51 @@
+"""Every unavoidable use of private megatron-core API, in one place, checked against the supported versions.
+
+Supported: megatron-core 0.16 to 0.19 (CI runs 0.16.1 on Python 3.11 and 0.19.2 on Python 3.12). Each
+wrapper names the private symbol it needs and what changed between releases, so the next release that
+breaks one breaks here, under a test that runs on both CI legs (tests/test_megatron_lm_flags.py), instead of
+deep inside a training run.
+
+- `GPTDataset._query_document_sample_shuffle_indices(idx)`: the token ids of sample `idx` (with its
+  document/shuffle arithmetic) for a companion dataset (our per-token loss mask). It returned
+  (tokens, document_ids) up to 0.18 and (tokens, document_ids, document boundaries) from 0.19; no public
+  API exposes a sample's raw ids without also building the loss mask/positions for the text tokens.
+- `DistributedOptimizer._init_optimizer_states_with_dummy_values()`: creates Adam's state on a fresh
+  optimizer so megatron-core can describe the state it is about to load (megatron-core's own loader calls
+  it the same way).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+SUPPORTED_MCORE = ((0, 16), (0, 19))  # inclusive (major, minor) range
+
+
+def megatron_core_version() -> tuple[int, int, int]:
+    from megatron.core import package_info
+
+    return int(package_info.MAJOR), int(package_info.MINOR), int(package_info.PATCH)
+
+
+def check_megatron_core_version() -> tuple[int, int, int]:
+    """The installed version, or a ValueError naming it and the supported range."""
+    version = megatron_core_version()
+    low, high = SUPPORTED_MCORE
+    if not low <= version[:2] <= high:
+        raise ValueError(f"megatron-core {'.'.join(map(str, version))} is not supported: megatron_cslm is tested "
+                         f"with {low[0]}.{low[1]} to {high[0]}.{high[1]}.x")
+    return version
+
+
+def sample_token_ids(dataset, idx: int) -> np.ndarray:
+    """The `seq_length + 1` ids of sample `idx` of a megatron-core GPTDataset (0.16-0.19)."""
+    out = dataset._query_document_sample_shuffle_indices(idx)
+    if not isinstance(out, tuple) or len(out) not in (2, 3):
+        raise TypeError(f"megatron-core {megatron_core_version()}: GPTDataset._query_document_sample_shuffle_indices "
+                        f"returned {type(out).__name__} of length {len(out) if isinstance(out, tuple) else '?'}, "
+                        "expected 2 (<= 0.18) or 3 (0.19) values; update megatron_cslm/compat.py")
+    return out[0]
+
+
+def init_optimizer_state(optimizer) -> None:
+    """Materialise Adam's state of a megatron-core (distributed) optimizer that has not stepped yet."""
+    optimizer._init_optimizer_states_with_dummy_values()
