@@ -66,8 +66,9 @@ def test_slurm_launcher_runs_one_process_per_gpu_without_torchrun():
 def test_slurm_ranks_come_from_slurm_variables(monkeypatch):
     from megatron_cslm.distributed.parallel import use_slurm_ranks
 
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(name, raising=False)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # recorded, so what use_slurm_ranks sets is undone after
+        monkeypatch.setenv(name, "unset")
+        monkeypatch.delenv(name)
     monkeypatch.setenv("SLURM_PROCID", "5")
     monkeypatch.setenv("SLURM_LOCALID", "1")
     monkeypatch.delenv("SLURM_STEP_NUM_TASKS", raising=False)

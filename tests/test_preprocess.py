@@ -254,6 +254,6 @@ def test_cli_with_saved_tokenizer(speech_tokenizer, corpus, tmp_path, capsys):
     stats = json.loads(capsys.readouterr().out)
     assert stats["documents"] == 190 and stats["vocab_size"] == speech_tokenizer.vocab_size
     assert (tmp_path / "out" / "cpt.idx").exists() and (tmp_path / "out" / "cpt_lossmask.idx").exists()
-    with pytest.raises(ValueError, match="saved with 4096 units"):
+    with pytest.raises(ValueError, match="holds 4096 units, but num_units is 1024"):
         tool.main(["--input", str(paths[0]), "--output-prefix", str(tmp_path / "x"), "--tokenizer-model",
                    str(tmp_path / "tok"), "--num-units", "1024"])
