@@ -111,8 +111,8 @@ def test_dataset_of_another_tokenizer_is_refused_by_identity(toy_pretrain, tmp_p
     assert other.vocab_size == ours.vocab_size
     with pytest.raises(ValueError, match=r"built with another tokenizer: fingerprint"):
         check_indexed_dataset(prefix, ours.vocab_size, tokenizer_identity(other))
-    fewer_units = SpeechTextTokenizer.from_pretrained(toy_pretrain["tokenizer"])
-    fewer_units = SpeechTextTokenizer(fewer_units.text.path, num_units=TOY_UNITS // 2)
+    # the same text vocabulary extended with fewer units (the saved tokenizer already holds its units)
+    fewer_units = SpeechTextTokenizer(toy_pretrain["root"] / "text_tokenizer", num_units=TOY_UNITS // 2)
     with pytest.raises(ValueError, match=r"vocab_size \d+ \(dataset\) != \d+ \(tokenizer\)"):
         check_indexed_dataset(prefix, ours.vocab_size, tokenizer_identity(fewer_units))
 
