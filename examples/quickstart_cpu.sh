@@ -12,7 +12,9 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 bash scripts/venv.sh
-PY="$ROOT/.venv/bin/python"
+VENV="${CSLM_VENV:-$ROOT/.venv}"   # the venv scripts/venv.sh made (CI's Python 3.12 leg sets .venv312)
+[[ "$VENV" = /* ]] || VENV="$ROOT/$VENV"
+PY="$VENV/bin/python"
 RUN="${RUN:-$ROOT/runs/quickstart}"
 if [[ "${QUICK:-0}" == 1 ]]; then PRETRAIN_STEPS=20; SFT_STEPS=10; else PRETRAIN_STEPS=200; SFT_STEPS=150; fi
 export OMP_NUM_THREADS=1
