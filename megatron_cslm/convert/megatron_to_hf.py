@@ -111,9 +111,11 @@ def write_hub_files(out: Path, run_dir: Path, iteration: int, manifest: ModelMan
     from megatron_cslm.text.tokenizer import CHAT_TEMPLATE_FILE, META_FILE, SpeechTextTokenizer
 
     notices = copy_notices(run_dir, out)
-    speech_tokenizer = (tokenizer_dir / META_FILE).exists() or SpeechTextTokenizer(tokenizer_dir).units_in_vocabulary
-    # a checkpoint converted without --expand-vocab from a text-only model exports as one: the card says so
-    tokenizer = SpeechTextTokenizer.from_pretrained(tokenizer_dir) if speech_tokenizer else None
+    if (tokenizer_dir / META_FILE).exists():
+        tokenizer = SpeechTextTokenizer.from_pretrained(tokenizer_dir)
+    else:  # read once; a text-only model converted without --expand-vocab exports as one: the card says so
+        read = SpeechTextTokenizer(tokenizer_dir)
+        tokenizer = read if read.units_in_vocabulary else None
     config_path = out / "tokenizer_config.json"
     if config_path.exists() and not (out / CHAT_TEMPLATE_FILE).exists():
         # the hub's layout (transformers >= 4.43 saves it so): the template in its own file, not in the config
