@@ -16,7 +16,6 @@ Invariants:
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -31,30 +30,10 @@ def metadata_path(prefix: str | os.PathLike) -> Path:
     return Path(f"{prefix}{META_SUFFIX}")
 
 
-def _base_pieces(tokenizer) -> list[str]:
-    """The text vocabulary's pieces for ids [0, base_vocab_size), in id order."""
-    text = tokenizer.text
-    n = tokenizer.base_vocab_size
-    if hasattr(text, "tok"):  # Hugging Face tokenizers backend
-        return [text.tok.id_to_token(i) or "" for i in range(n)]
-    return [text.sp.id_to_piece(i) for i in range(n)]  # SentencePiece backend
-
-
 def tokenizer_identity(tokenizer) -> dict:
-    """Vocabulary size, unit layout and a fingerprint of a SpeechTextTokenizer (see the module docstring)."""
-    if hasattr(tokenizer, "identity"):  # the tokenizer's own definition, when it has one
-        return dict(tokenizer.identity())
-    h = hashlib.sha256()
-    for piece in _base_pieces(tokenizer):
-        h.update(piece.encode("utf-8", "surrogatepass") + b"\0")
-    layout = {"base_vocab_size": tokenizer.base_vocab_size, "num_units": tokenizer.num_units,
-              "unit_offset": tokenizer.unit_offset, "specials": list(tokenizer.specials.as_list()),
-              "special_ids": [tokenizer.sosp_id, tokenizer.eosp_id, tokenizer.question_id, tokenizer.answer_id],
-              "eod_id": tokenizer.eod_id}
-    h.update(json.dumps(layout, sort_keys=True).encode())
-    return {"vocab_size": tokenizer.vocab_size, "num_units": tokenizer.num_units,
-            "unit_offset": tokenizer.unit_offset, "eod_id": tokenizer.eod_id,
-            "fingerprint": "sha256:" + h.hexdigest()}
+    """Vocabulary size, unit layout and fingerprint of a SpeechTextTokenizer: its own `identity()`, the one
+    definition (see the module docstring for what the fingerprint covers)."""
+    return dict(tokenizer.identity())
 
 
 def write_dataset_metadata(prefix: str | os.PathLike, tokenizer, max_token_id: int, **extra) -> dict:
