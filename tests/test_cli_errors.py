@@ -361,6 +361,24 @@ def test_eval_s2s(tiny, tmp_path, capsys):
     unchanged(before)
 
 
+@pytest.mark.parametrize("tool,flag", [("decode", "--model-name-or-path"), ("eval-s2s", "--model")])
+def test_speech_tokenizer_mismatch_fails_before_the_heavy_work(tiny, tmp_path, tool, flag):
+    """The code-count check comes before megatron-core is imported (seconds of torch.compile set-up), before
+    the S3 net is built and before any audio is read: a fresh `cslm` process fails with only torch, the
+    tokenizer files and s3tokenizer's config behind it (about 4 s on 2 cores instead of 12)."""
+    manifest = write_wav_manifest(tmp_path / "bench")
+    probe = ("import sys\nfrom megatron_cslm.cli.main import main\nrc = main(sys.argv[1:])\n"
+             "heavy = sorted(m for m in ('megatron.core', 'transformers', 'torch._inductor') if m in sys.modules)\n"
+             "print('HEAVY', heavy, file=sys.stderr)\nraise SystemExit(rc)")
+    argv = [tool, "--manifest", str(manifest), "--random-init", flag, str(tiny["speech_lm"]), "--lang", "en",
+            "--output-dir", str(tmp_path / "out")]
+    p = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=300)
+    assert p.returncode == EXIT_CODES["compat"], p.stderr
+    assert "4096 codes" in p.stderr and "512 units" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert "HEAVY []" in p.stderr, p.stderr
+    assert not (tmp_path / "out").exists()
+
+
 # ---------------------------------------------------------------------------------- installed entry points
 
 

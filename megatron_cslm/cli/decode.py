@@ -45,19 +45,24 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def checked_unit_extractor(args: argparse.Namespace, models: dict[str, str]):
-    """The S3 speech tokenizer for audio questions, refused before any audio is read unless its code count
-    equals the unit count of every model's tokenizer (a mismatch would fail, or silently misread units,
-    only after all the audio is tokenized)."""
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    extractor = unit_extractor(args, device)
-    codes = extractor.net.quantizer.codebook_size  # from the S3 model itself, not assumed
+    """The S3 speech tokenizer for audio questions, refused before it is built and before any audio is read
+    unless its code count equals the unit count of every model's tokenizer (a mismatch would fail, or silently
+    misread units, only after all the audio is tokenized)."""
+    from megatron_cslm.speech.extract import s3_codebook_size
+
+    codes = s3_codebook_size(args.speech_tokenizer)
+    label = args.speech_tokenizer + ("+random-init" if args.random_init else "")
     for flag, model in models.items():
         tokenizer_dir = args.tokenizer or model
         num_units = SpeechTextTokenizer.from_pretrained(tokenizer_dir).num_units
         if num_units != codes:
-            raise CslmError.compat(f"the speech tokenizer {extractor.label} has {codes} codes but the model's "
+            raise CslmError.compat(f"the speech tokenizer {label} has {codes} codes but the model's "
                                    f"tokenizer has {num_units} units: they must be equal", Path(tokenizer_dir),
                                    field=flag)
+    extractor = unit_extractor(args, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if extractor.net.quantizer.codebook_size != codes:  # the built net agrees with its config
+        raise CslmError.compat(f"the speech tokenizer {extractor.label} has {extractor.net.quantizer.codebook_size} "
+                               f"codes, its config {codes}", field="--speech-tokenizer")
     return extractor
 
 

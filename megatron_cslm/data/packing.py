@@ -18,15 +18,18 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
-from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
-from megatron.core.packed_seq_params import PackedSeqParams
 from tqdm import tqdm
 
 from megatron_cslm.fileio import atomic_path
+
+if TYPE_CHECKING:  # megatron-core is imported where it is used: its package import costs seconds (torch.compile
+    # set-up), and the prompt format (data/sft.py -> here) is also what `cslm decode` needs to fail fast
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from megatron.core.packed_seq_params import PackedSeqParams
 
 MODALITIES = {"none": 0, "tq": 1, "ta": 2, "sa": 3}  # values stored per token in `<prefix>_modality`
 OVERLONG = ("truncate", "drop")
@@ -39,6 +42,8 @@ def modality_prefix(prefix: str) -> str:
 
 def token_dtype(vocab_size: int) -> type[np.number]:
     """Smallest IndexedDataset dtype for token ids (int32 for Llama-3 + units: 132,356 ids)."""
+    from megatron.core.datasets.indexed_dataset import DType
+
     return DType.optimal_dtype(vocab_size)
 
 
@@ -173,6 +178,8 @@ def plan_packing(lengths: Sequence[int], first_loss: Sequence[int], seq_length: 
 
 
 def _read_unpacked(src_prefix: str) -> tuple[IndexedDataset, IndexedDataset]:
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
     tokens, modality = IndexedDataset(src_prefix), IndexedDataset(modality_prefix(src_prefix))
     if not np.array_equal(tokens.sequence_lengths, modality.sequence_lengths):
         raise ValueError(f"{src_prefix}: token and modality datasets differ in sample lengths")
@@ -185,6 +192,8 @@ def pack_dataset(src_prefix: str, out_prefix: str, seq_length: int, overlong: st
 
     Outputs are written atomically. Returns packing stats: samples written/truncated/dropped, bins, fill.
     """
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
     tokens, modality = _read_unpacked(src_prefix)
     first_loss = np.full(len(modality), -1, dtype=np.int64)
     for i in tqdm(range(len(modality)), desc="scanning", unit=" samples", disable=not progress):
@@ -313,6 +322,8 @@ def packed_seq_params(cu_seqlens: torch.Tensor, seq_length: int | None = None) -
     offset by k * s). Repeated trailing values (the fixed-size padding of cu_seqlens) are dropped. No CP
     padding: with context parallelism every sample would need padding to a multiple of 2 * CP.
     """
+    from megatron.core.packed_seq_params import PackedSeqParams
+
     cu = cu_seqlens if cu_seqlens.dim() == 2 else cu_seqlens[None]
     s = int(cu[0, -1]) if seq_length is None else seq_length
     offsets = torch.arange(cu.shape[0], device=cu.device, dtype=torch.int64)[:, None] * s

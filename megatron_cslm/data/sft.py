@@ -31,7 +31,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 from tqdm import tqdm
 
 from megatron_cslm.data.chunking import AnswerChunk, chunk_answer, dedup_units, rechunk, word_count
@@ -363,6 +362,8 @@ def build_sft_data(inputs: Sequence[str | Path], tokenizer: SpeechTextTokenizer,
     Samples are first written unpacked to a temporary IndexedDataset beside the output, so memory stays flat
     however large the corpus. Writes `<output_prefix>.stats.json` last and returns the same stats.
     """
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder  # lazy: see data/packing.py
+
     output_prefix = Path(output_prefix)
     output_prefix.parent.mkdir(parents=True, exist_ok=True)
     counter = SkipCounter()

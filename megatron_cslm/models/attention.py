@@ -97,13 +97,16 @@ class SampleSDPAttention(MegatronModule):
 
     def _per_sample(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     bounds: tuple[tuple[int, ...], ...]) -> torch.Tensor:
-        """q [b, np, s, hn]; every bin's samples attended causally on their own, concatenated back."""
+        """q [b, np, s, hn]; every bin's samples attended causally on their own, concatenated back.
+
+        Each call keeps a batch dimension of 1: SDPA's fused CPU (flash) kernel takes only 4-D inputs and
+        silently falls back to the math path, which materialises [np, L, L] scores, for 3-D ones."""
         bins = []
         for i, cuts in enumerate(bounds):
-            parts = [self._sdpa(q[i, :, a:e], k[i, :, a:e], v[i, :, a:e], None, True)
+            parts = [self._sdpa(q[i:i + 1, :, a:e], k[i:i + 1, :, a:e], v[i:i + 1, :, a:e], None, True)
                      for a, e in zip(cuts[:-1], cuts[1:])]
-            bins.append(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
-        return torch.stack(bins)
+            bins.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
+        return torch.cat(bins) if len(bins) > 1 else bins[0]
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: Optional[torch.Tensor], attn_mask_type: Optional[AttnMaskType] = None,

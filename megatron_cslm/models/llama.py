@@ -376,6 +376,11 @@ def _padding_logits_mask(vocab_size: int):
     Padding rows exist only so the embedding splits evenly over TP ranks; their number changes with TP.
     Masking them keeps them out of the softmax, so the loss does not depend on TP and padding is never
     sampled; they get no gradient and are stripped on export.
+
+    The padding columns are filled in place, outside autograd: a masked copy would cost a second logits
+    tensor ([s, b, vocab shard], the largest activation of the model) and a pass over it forward and back.
+    Autograd need not see the fill: the gradient of a softmax-based loss at a -inf logit is exactly 0, which
+    is what the masked copy's backward gave those columns, and the linear layer saves its input, not its output.
     """
     from megatron.core import parallel_state
 
@@ -385,8 +390,9 @@ def _padding_logits_mask(vocab_size: int):
         first = parallel_state.get_tensor_model_parallel_rank() * shard
         if first + shard <= vocab_size:
             return output
-        ids = torch.arange(first, first + shard, device=logits.device)
-        return logits.masked_fill(ids >= vocab_size, float("-inf")), bias
+        with torch.no_grad():
+            logits[..., max(0, vocab_size - first):].fill_(float("-inf"))
+        return logits, bias
 
     return hook
 

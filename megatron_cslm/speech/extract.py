@@ -39,6 +39,16 @@ def load_s3_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def s3_codebook_size(model: str) -> int:
+    """Codes of the S3 tokenizer `model`, from the architecture config its net is built from: known before the
+    ~120M-parameter net is built or its weights read, so a model with another unit count is refused at once."""
+    from s3tokenizer.model import ModelConfig
+
+    if model not in UNITS_PER_SECOND:
+        raise ValueError(f"unknown S3 tokenizer {model!r}; choose from {sorted(UNITS_PER_SECOND)}")
+    return ModelConfig().n_codebook_size
+
+
 class UnitExtractor:
     """Batched S3 tokenizer on CPU or GPU.
 
