@@ -12,6 +12,10 @@ deep inside a training run.
 - `DistributedOptimizer._init_optimizer_states_with_dummy_values()`: creates Adam's state on a fresh
   optimizer so megatron-core can describe the state it is about to load (megatron-core's own loader calls
   it the same way).
+- `filesystem_async._get_write_results_queue()` (0.16-0.18; public `get_write_results_queue()` from 0.19):
+  creates, once per process, the multiprocessing Manager queue through which asynchronous checkpoint writers
+  report. The Manager is a *spawned* process (it imports the training script anew: ~3 s on 2 cores), so its
+  lazy creation inside the first save made that save block training for seconds; we start it early.
 """
 from __future__ import annotations
 
@@ -49,3 +53,11 @@ def sample_token_ids(dataset, idx: int) -> np.ndarray:
 def init_optimizer_state(optimizer) -> None:
     """Materialise Adam's state of a megatron-core (distributed) optimizer that has not stepped yet."""
     optimizer._init_optimizer_states_with_dummy_values()
+
+
+def start_async_checkpoint_results_queue() -> None:
+    """Create megatron-core's (process-wide, cached) queue of asynchronous-save results now (0.16-0.19)."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    public = getattr(filesystem_async, "get_write_results_queue", None)
+    (public or filesystem_async._get_write_results_queue)()

@@ -7,6 +7,7 @@ import json
 import logging
 import mmap
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -208,6 +209,26 @@ def test_sigkill_during_async_save_resumes_bitwise_from_the_previous_checkpoint(
     assert [resumed[s] for s in range(previous + 1, 21)] == \
         [async_uninterrupted[s] for s in range(previous + 1, 21)]  # bitwise on CPU
     assert tracker.read_text().strip() == "20"
+
+
+@pytest.mark.timeout(600)
+def test_checkpoints_saved_with_a_cached_plan_resume_bitwise(toy_pretrain, tmp_path):
+    """--ckpt-assume-constant-structure: megatron-core reuses the save plan and global metadata from the third
+    save on. A checkpoint written that way (the 4th of 6, asynchronously, 2 writer processes per rank) resumes
+    exactly like the uninterrupted run."""
+    ckpt = tmp_path / "ckpt"
+    flags = ("--seed", "7", "--train-iters", "6", "--save", ckpt, "--save-interval", "1",
+             "--ckpt-assume-constant-structure", "--dist-ckpt-workers", "2")
+    torchrun("-m megatron_cslm.pretrain", 2, *_args(toy_pretrain, tmp_path / "a", *flags, "--async-save"))
+    uninterrupted = _scalars(tmp_path / "a" / "tb")["train/loss/lm loss"]
+    assert sorted(uninterrupted) == list(range(1, 7))
+    for it in (5, 6):  # back to the 4th save, as if the job had died after it
+        shutil.rmtree(ckpt / f"iter_{it:07d}")
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("4\n")
+    torchrun("-m megatron_cslm.pretrain", 2, *_args(toy_pretrain, tmp_path / "b", *flags))
+    resumed = _scalars(tmp_path / "b" / "tb")["train/loss/lm loss"]
+    assert sorted(resumed) == [5, 6]
+    assert [resumed[s] for s in (5, 6)] == [uninterrupted[s] for s in (5, 6)]  # bitwise on CPU
 
 
 # ---------------------------------------------------------------- overlapped communication, profiling, timers

@@ -15,13 +15,14 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_cslm.compat import init_optimizer_state
+from megatron_cslm.compat import init_optimizer_state, start_async_checkpoint_results_queue
 from megatron_cslm.errors import CslmError
 from megatron_cslm.fileio import atomic_open
 
@@ -116,8 +117,37 @@ def _restore_adam_steps(optimizer, loaded: dict | list) -> None:
                 param_state["step"] = torch.tensor(step)
 
 
+class SaveStrategies:
+    """megatron-core `torch_dist` save strategies kept for the whole run, one per checkpoint structure.
+
+    `workers` is the number of writer processes per rank (Megatron-LM's `--dist-ckpt-workers`, default 1:
+    with more, an asynchronous save's writers compete with training for the host's cores). With
+    `assume_constant_structure` (Megatron-LM's `--ckpt-assume-constant-structure`) megatron-core reuses the
+    save plan and global metadata once two saves agreed, and the sharding-integrity check (an all-gather of
+    every rank's shard metadata) runs on the first save only. A structure is keyed by whether the optimizer
+    is in the save, the one thing that changes within a run (a step-0 save has no optimizer state), so a
+    cached plan is never applied to a state it was not made for.
+    """
+
+    def __init__(self, workers: int = 1, assume_constant_structure: bool = False):
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self.workers, self.assume_constant_structure = workers, assume_constant_structure
+        self._by_structure: dict[bool, object] = {}
+
+    def get(self, with_optimizer: bool) -> tuple[object, bool]:
+        """(strategy, validate_access_integrity) for the next save of this structure."""
+        from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+        first = with_optimizer not in self._by_structure
+        if first:
+            self._by_structure[with_optimizer] = TorchDistSaveShardedStrategy(
+                "torch_dist", 1, thread_count=self.workers, cached_metadata=self.assume_constant_structure)
+        return self._by_structure[with_optimizer], first or not self.assume_constant_structure
+
+
 def save_checkpoint(root: str | os.PathLike, iteration: int, model: list, optimizer, scheduler,
-                    common: dict, async_queue=None) -> Path:
+                    common: dict, async_queue=None, strategies: SaveStrategies | None = None) -> Path:
     """Collective save. `common` (iteration, consumed samples, args) must be identical on every rank.
 
     With `async_queue` (a megatron-core `AsyncCallsQueue`, see `AsyncCheckpointer`) the tensor payload is
@@ -134,8 +164,9 @@ def save_checkpoint(root: str | os.PathLike, iteration: int, model: list, optimi
         tmp.mkdir(parents=True)
     dist.barrier()
     common = {**common, "optimizer_saved": optimizer is not None}
-    request = dist_checkpointing.save(_sharded_state(model, optimizer, scheduler, common), str(tmp),
-                                      async_sharded_save=async_queue is not None)
+    strategy, validate = (strategies or SaveStrategies()).get(optimizer is not None)
+    request = dist_checkpointing.save(_sharded_state(model, optimizer, scheduler, common), str(tmp), strategy,
+                                      validate_access_integrity=validate, async_sharded_save=async_queue is not None)
     (tmp / "extra_state").mkdir(exist_ok=True)
     with atomic_open(tmp / "extra_state" / f"rank_{rank:05d}.pt", "wb") as f:
         torch.save(_rng_state(), f)
@@ -166,18 +197,25 @@ class AsyncCheckpointer:
     a signal, at the end of training). One save in flight at a time, like Megatron-LM: a new save first
     waits for the previous one, so a slow filesystem never piles up copies of the state."""
 
-    def __init__(self):
+    def __init__(self, strategies: SaveStrategies | None = None):
         from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
         self.queue = AsyncCallsQueue(persistent=False)
+        self.strategies = strategies or SaveStrategies()
+        # The writers' result queue lives in a spawned Manager process that takes seconds to start: start it
+        # now, beside the model and data set-up, instead of inside the first save (where training would wait).
+        self._results_queue = threading.Thread(target=start_async_checkpoint_results_queue, daemon=True)
+        self._results_queue.start()
 
     @property
     def pending(self) -> int:
         return self.queue.get_num_unfinalized_calls()
 
     def save(self, root, iteration: int, model: list, optimizer, scheduler, common: dict) -> Path:
+        self._results_queue.join()
         self.wait()
-        return save_checkpoint(root, iteration, model, optimizer, scheduler, common, async_queue=self.queue)
+        return save_checkpoint(root, iteration, model, optimizer, scheduler, common, async_queue=self.queue,
+                               strategies=self.strategies)
 
     def poll(self) -> list[int]:
         return self.queue.maybe_finalize_async_calls(blocking=False)

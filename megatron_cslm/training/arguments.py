@@ -150,6 +150,13 @@ def build_parser(description: str, sft: bool = False) -> argparse.ArgumentParser
                    help="write checkpoints in background processes while training continues; the tracker file "
                         "names a save only once every rank finished it; a signal save and the end of training "
                         "wait for pending saves")
+    g.add_argument("--dist-ckpt-workers", type=positive_int, default=C.dist_ckpt_workers,
+                   help="writer processes per rank for a checkpoint save (default: %(default)s; more split the "
+                        "files further, but an asynchronous save's writers then compete with training for cores)")
+    g.add_argument("--ckpt-assume-constant-structure", action="store_true",
+                   default=C.ckpt_assume_constant_structure,
+                   help="the checkpointed state keeps its structure for the whole run: reuse megatron-core's save "
+                        "plan and check sharding integrity on the first save only (faster saves; default: off)")
 
     g = p.add_argument_group("communication (megatron-core DDP)")
     g.add_argument("--overlap-grad-reduce", action="store_true", default=CommConfig.overlap_grad_reduce,

@@ -128,6 +128,8 @@ class CheckpointConfig:
     use_checkpoint_opt_param_scheduler: bool = False
     exit_signal_handler: bool = True
     async_save: bool = False  # megatron-core asynchronous dist_checkpointing (checkpoint/save_load.py)
+    dist_ckpt_workers: int = 1  # writer processes per rank (Megatron-LM's default)
+    ckpt_assume_constant_structure: bool = False  # reuse the save plan after the first save (Megatron-LM's)
 
 
 @dataclass(frozen=True)

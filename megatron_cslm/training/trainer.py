@@ -33,7 +33,13 @@ import torch
 import torch.distributed as dist
 
 from megatron_cslm.checkpoint.manifest import ModelManifest, copy_notices, load_any_manifest, read_common_state
-from megatron_cslm.checkpoint.save_load import AsyncCheckpointer, latest_iteration, load_checkpoint, save_checkpoint
+from megatron_cslm.checkpoint.save_load import (
+    AsyncCheckpointer,
+    SaveStrategies,
+    latest_iteration,
+    load_checkpoint,
+    save_checkpoint,
+)
 from megatron_cslm.distributed import parallel
 from megatron_cslm.errors import CslmError
 from megatron_cslm.models.flops import train_flops_per_token
@@ -226,7 +232,9 @@ class Trainer:
         self.task = self.make_task(self.args, self.source, self.padded_vocab)  # data errors before the model
         self.model = build_model(self.source.arch, config, self.padded_vocab, spec=m.transformer_impl,
                                  use_distributed_optimizer=cfg.optim.use_distributed_optimizer, comm=cfg.comm)
-        self.checkpointer = AsyncCheckpointer() if cfg.checkpoint.async_save else None
+        ck = cfg.checkpoint
+        self.save_strategies = SaveStrategies(ck.dist_ckpt_workers, ck.ckpt_assume_constant_structure)
+        self.checkpointer = AsyncCheckpointer(self.save_strategies) if ck.async_save else None
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optim, config, data.global_batch_size,
                                                          checkpoint=cfg.checkpoint)
 
@@ -373,7 +381,8 @@ class Trainer:
                 self.checkpointer.save(ck.save, it, self.model, optimizer, self.scheduler, common)
                 log.info(f"saving checkpoint at iteration {it} to {ck.save} in the background")
             else:
-                save_checkpoint(ck.save, it, self.model, optimizer, self.scheduler, common)
+                save_checkpoint(ck.save, it, self.model, optimizer, self.scheduler, common,
+                                strategies=self.save_strategies)
                 log.info(f"saved checkpoint at iteration {it} to {ck.save}")
 
     def close(self) -> None:
