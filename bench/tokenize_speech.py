@@ -7,8 +7,10 @@ tool itself for (c)), each printed as a ratio against a baseline measured in the
   (a) per-utterance batch 1, the same torch model (CosyVoice's extractor runs batch 1)
   (b) the batched path (length-sorted, padded-frame budget): `UnitExtractor` as the tool uses it
   (c) tools/tokenize_speech.py under torchrun, 2 processes x 1 thread vs 1 process x 1 thread (stats' wall time)
-  (d) CosyVoice's ONNX + onnxruntime batch-1 route is not measured: tracing s3tokenizer's `quantize` bakes the
-      traced length in (`lengths.max().item()`), so the exported graph fails on any other length.
+  (d) CosyVoice's own route, where onnx and onnxruntime are installed: the same S3 model exported to ONNX
+      (encoder + quantizer, dynamic length; s3tokenizer's padding mask takes its length with `.item()`, which
+      tracing would freeze, so the export uses a shape-derived mask: identical units, checked) and run by
+      onnxruntime at batch 1 on a per-utterance log-mel, as CosyVoice's `extract_speech_token.py` does.
 (a) and (b) alternate for --repeats rounds and keep each one's best round, so load from other jobs on a shared
 machine hits both alike. On CPU the default is 2 minutes of audio (about 30 at batch 1 would take ~10 minutes on
 2 cores); --device cuda defaults to 30 minutes.
@@ -31,10 +33,9 @@ import numpy as np
 import soundfile as sf
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from megatron_cslm.speech.extract import UnitExtractor
 
-from megatron_cslm.speech.extract import UnitExtractor  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def synthetic_corpus(minutes: float, seed: int = 0) -> list[np.ndarray]:
@@ -77,6 +78,53 @@ def batched(extractor: UnitExtractor, waves: list[torch.Tensor], chunk_items: in
         extractor(waves[i: i + chunk_items])
 
 
+class _EncoderQuantizer(torch.nn.Module):
+    """mel [1, 128, T], length [1] -> units [1, U]: what CosyVoice's speech_tokenizer_v1.onnx computes."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, mel: torch.Tensor, mel_len: torch.Tensor) -> torch.Tensor:
+        hidden, _ = self.net.encoder(mel, mel_len)
+        return self.net.quantizer.encode(hidden)
+
+
+def _traceable_non_pad_mask(lengths: torch.Tensor, max_len: int = 0) -> torch.Tensor:
+    return torch.arange(lengths.max(), device=lengths.device)[None, :] < lengths[:, None]
+
+
+def onnx_batch1(extractor: UnitExtractor, path: Path, threads: int):
+    """Export the extractor's S3 net to ONNX and return a CosyVoice-style batch-1 tokenizer over onnxruntime,
+    or None when onnx/onnxruntime are not installed."""
+    import importlib.util
+
+    if not all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime")):
+        return None
+    import onnxruntime
+    import s3tokenizer.model as s3_model
+    from s3tokenizer.utils import log_mel_spectrogram
+
+    mel = torch.randn(1, 128, 500)
+    original, s3_model.make_non_pad_mask = s3_model.make_non_pad_mask, _traceable_non_pad_mask
+    try:
+        torch.onnx.export(_EncoderQuantizer(extractor.net.cpu()).eval(), (mel, torch.tensor([500])), str(path),
+                          input_names=["feats", "feats_length"], output_names=["indices"],
+                          dynamic_axes={"feats": {2: "frames"}, "indices": {1: "units"}}, opset_version=17,
+                          dynamo=False)
+    finally:
+        s3_model.make_non_pad_mask = original
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def tokenize(wave: torch.Tensor) -> list[int]:
+        feats = log_mel_spectrogram(wave.cpu(), n_mels=128).unsqueeze(0).numpy()
+        return session.run(None, {"feats": feats, "feats_length": np.array([feats.shape[2]])})[0][0].tolist()
+
+    return tokenize
+
+
 def torchrun_speed(nproc: int, manifest: Path, out: Path, device: str) -> float:
     """Audio s/s of the tool under torchrun, one thread per process, from its merged stats (model init excluded)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
@@ -95,6 +143,8 @@ def main() -> None:
                    help="Minutes of synthetic audio (default: 2 on CPU, 30 on CUDA).")
     p.add_argument("--repeats", type=int, default=2, help="Alternating rounds of (a) and (b); best of each kept.")
     p.add_argument("--chunk-items", type=int, default=256, help="Items per extractor call in (b), as in the tool.")
+    p.add_argument("--torchrun-minutes", type=float, default=8.0,
+                   help="Minutes of audio for (c) on CPU, at least --minutes (default: 8; balances the ranks' shares).")
     p.add_argument("--skip-torchrun", action="store_true", help="Skip (c).")
     p.add_argument("--quick", action="store_true", help="12 s of audio, one round: checks that it runs (CI).")
     args = p.parse_args()
@@ -117,18 +167,42 @@ def main() -> None:
     print(f"(b) batched, one process:     {speed_b:9.1f} audio s/s")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        speed_d = None
+        if device.type == "cpu":
+            onnx = onnx_batch1(extractor, tmp / "s3.onnx", torch.get_num_threads())
+            if onnx is None:
+                print("(d) CosyVoice's route (ONNX + onnxruntime, batch 1): skipped, onnx/onnxruntime not installed")
+            else:
+                expected = [extractor([w])[0] for w in waves[:3]]
+                same = [onnx(w) for w in waves[:3]] == expected
+                onnx(waves[0])  # warm-up
+                best_d = min(timed(lambda: [onnx(w) for w in waves], device) for _ in range(args.repeats))
+                speed_d = audio_s / best_d
+                print(f"(d) CosyVoice's route, ONNX + onnxruntime batch 1: {speed_d:9.1f} audio s/s "
+                      f"(units equal to torch's: {same})")
         ratio_c = None
         if not args.skip_torchrun:
-            for k, wave in enumerate(corpus):
+            # Item k goes to rank k mod 2, so a corpus of a few dozen utterances of 1-12 s splits its audio
+            # unevenly (2 minutes: 64/36, capping the ratio at 1.57x whatever the processes do); (c) therefore
+            # runs on more audio than (a)/(b), and prints the split and the cap it sets.
+            minutes_c = minutes if args.quick or device.type == "cuda" else max(minutes, args.torchrun_minutes)
+            corpus_c = corpus if minutes_c == minutes else synthetic_corpus(minutes_c, seed=1)
+            for k, wave in enumerate(corpus_c):
                 sf.write(tmp / f"{k:05d}.wav", wave, 16000, subtype="PCM_16")
             manifest = tmp / "m.tsv"
-            manifest.write_text("".join(f"{k:05d}\t{k:05d}.wav\n" for k in range(len(corpus))))
+            manifest.write_text("".join(f"{k:05d}\t{k:05d}.wav\n" for k in range(len(corpus_c))))
             one = torchrun_speed(1, manifest, tmp / "one.jsonl", args.device)
             two = torchrun_speed(2, manifest, tmp / "two.jsonl", args.device)
             same = (tmp / "one.jsonl").read_bytes() == (tmp / "two.jsonl").read_bytes()
-            print(f"(c) torchrun, 1 thread each:  1 process {one:.1f}, 2 processes {two:.1f} audio s/s "
-                  f"(outputs byte-identical: {same})")
+            shares = [sum(w.size for w in corpus_c[r::2]) for r in range(2)]
+            split = f"{shares[0] / sum(shares):.2f}/{shares[1] / sum(shares):.2f}"
+            print(f"(c) torchrun over {sum(shares) / 16000 / 60:.1f} min ({len(corpus_c)} utterances; rank shares "
+                  f"{split}, cap {sum(shares) / max(shares):.2f}x), "
+                  f"1 thread each: 1 process {one:.1f}, 2 processes {two:.1f} audio s/s (outputs byte-identical: "
+                  f"{same})")
             ratio_c = two / one
+    if speed_d is not None:
+        print(f"batched vs CosyVoice's ONNX batch-1: {speed_b / speed_d:.2f}x")
     print(f"batched vs batch-1: {speed_b / speed_a:.2f}x")
     if ratio_c is not None:
         print(f"2 processes vs 1: {ratio_c:.2f}x")
