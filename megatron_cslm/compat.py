@@ -16,6 +16,10 @@ deep inside a training run.
   creates, once per process, the multiprocessing Manager queue through which asynchronous checkpoint writers
   report. The Manager is a *spawned* process (it imports the training script anew: ~3 s on 2 cores), so its
   lazy creation inside the first save made that save block training for seconds; we start it early.
+
+Public API that changed between releases is adapted here too:
+- `dist_checkpointing.save(..., async_strategy=)` appeared in 0.19 with the default "nvrx" (nvidia-resiliency-ext's
+  writer and queue); our queue is megatron-core's own `AsyncCallsQueue`, so asynchronous saves ask for "mcore".
 """
 from __future__ import annotations
 
@@ -61,3 +65,13 @@ def start_async_checkpoint_results_queue() -> None:
 
     public = getattr(filesystem_async, "get_write_results_queue", None)
     (public or filesystem_async._get_write_results_queue)()
+
+
+def dist_save_async_kwargs() -> dict:
+    """Extra `dist_checkpointing.save` arguments for an asynchronous save through megatron-core's own queue."""
+    import inspect
+
+    from megatron.core import dist_checkpointing
+
+    return ({"async_strategy": "mcore"} if "async_strategy" in inspect.signature(dist_checkpointing.save).parameters
+            else {})

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_cslm.compat import init_optimizer_state, start_async_checkpoint_results_queue
+from megatron_cslm.compat import dist_save_async_kwargs, init_optimizer_state, start_async_checkpoint_results_queue
 from megatron_cslm.errors import CslmError
 from megatron_cslm.fileio import atomic_open
 
@@ -165,8 +165,10 @@ def save_checkpoint(root: str | os.PathLike, iteration: int, model: list, optimi
     dist.barrier()
     common = {**common, "optimizer_saved": optimizer is not None}
     strategy, validate = (strategies or SaveStrategies()).get(optimizer is not None)
+    asynchronous = async_queue is not None
     request = dist_checkpointing.save(_sharded_state(model, optimizer, scheduler, common), str(tmp), strategy,
-                                      validate_access_integrity=validate, async_sharded_save=async_queue is not None)
+                                      validate_access_integrity=validate, async_sharded_save=asynchronous,
+                                      **(dist_save_async_kwargs() if asynchronous else {}))
     (tmp / "extra_state").mkdir(exist_ok=True)
     with atomic_open(tmp / "extra_state" / f"rank_{rank:05d}.pt", "wb") as f:
         torch.save(_rng_state(), f)
