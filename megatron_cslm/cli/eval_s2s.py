@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                             durations(args, num_units))
     config = {"manifest": args.manifest, "items": len(questions), "models": models, "lang": args.lang,
               "answer_lang": answer_lang, "sampling": dataclasses.asdict(options.sampling), "seed": args.seed,
-              "speech_tokenizer": args.speech_tokenizer + ("+random-init" if args.random_init else ""),
+              "speech_tokenizer": extractor.label,
               "asr_command": args.asr_command}
     write_json(out / "report.json", {"config": config, "models": reports})
     with atomic_open(out / "report.md") as f:
