@@ -137,8 +137,6 @@ def test_foreign_dataset_gets_a_bounded_sampled_check_and_a_warning(tmp_path, ca
 
 
 def test_bin_shorter_than_its_idx_is_refused_naming_the_prefix(toy_pretrain, tmp_path):
-    import shutil
-
     from megatron_cslm.training.data import check_indexed_dataset
 
     src = toy_pretrain["prefixes"]["tts"]
