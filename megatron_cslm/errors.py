@@ -31,18 +31,43 @@ Exit codes (the one table; README and `--help` texts point here):
 | io           | 5    | an output path that cannot be written or is occupied                       |
 | training     | 6    | a run stopped by the trainer (non-finite loss); the last good save is named |
 | (unexpected) | 1    | a bug: Python's traceback and exit code, unchanged                         |
+| (restart)    | 75   | training saved on SIGTERM/SIGUSR1 before --train-iters: run it again       |
+| stalled      | 76   | no step completed within --step-timeout-minutes, or a collective timed out  |
 | (interrupt)  | 130  | Ctrl-C                                                                     |
+
+75 and 76 are the statuses a launcher requeues on (examples/slurm_cslm.sbatch): 75 is sysexits' EX_TEMPFAIL,
+"try again later"; a run that stalls resumes from its last checkpoint. Every other non-zero status is a failure
+that rerunning the same command will not fix. A launcher that aggregates many ranks' statuses (srun reports the
+highest, and its --kill-on-bad-exit turns the others into SIGTERM deaths) names a file in
+CSLM_EXIT_STATUS_FILE: the trainer writes 75 or 76 there before any rank exits (`record_exit_status`).
 """
 from __future__ import annotations
 
 import copy
 import os
 
-EXIT_CODES: dict[str, int] = {"data": 1, "usage": 2, "compat": 3, "checkpoint": 4, "io": 5, "training": 6}
+EXIT_CODES: dict[str, int] = {"data": 1, "usage": 2, "compat": 3, "checkpoint": 4, "io": 5, "training": 6,
+                              "stalled": 76}
+EXIT_RESTART = 75  # saved on a signal before the last iteration: the launcher reruns the same command
 EXIT_INTERRUPTED = 130
 EXIT_CODES_HELP = ("exit codes: 0 success, 1 bad input data, 2 bad flags (usage), 3 incompatible artifacts,\n"
-                   "4 bad checkpoint, 5 output path refused, 6 training stopped, 130 interrupted.\n"
+                   "4 bad checkpoint, 5 output path refused, 6 training stopped, 75 saved on a signal (run\n"
+                   "again to continue), 76 stalled (no step within the timeout), 130 interrupted.\n"
                    "Errors print one line; --debug prints the traceback of any error.")
+
+
+EXIT_STATUS_FILE_ENV = "CSLM_EXIT_STATUS_FILE"
+
+
+def record_exit_status(code: int) -> None:
+    """Write `code` to $CSLM_EXIT_STATUS_FILE (atomically) when a launcher asked for it; else do nothing."""
+    path = os.environ.get(EXIT_STATUS_FILE_ENV)
+    if not path:
+        return
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{code}\n")
+    os.replace(tmp, path)
 
 
 class CslmError(ValueError):

@@ -1,3 +1,4 @@
+# ruff: noqa: E402 (the exit-signal handlers are installed before the heavy imports)
 """Continual pretraining of a speech-text Llama (CSLM stage 1).
 
     torchrun --nproc-per-node 8 -m megatron_cslm.pretrain --config examples/configs/pretrain_llama3.1_8b.yaml
@@ -6,6 +7,12 @@ Data: blended `.bin/.idx` datasets from tools/preprocess_data.py (ASR, TTS, inte
 cross-lingual speech, text replay), each reported as its own loss in the logs.
 """
 from __future__ import annotations
+
+# First, before the imports below (torch, megatron-core: seconds): SLURM's pre-timeout SIGUSR1 may come during
+# start-up, and its default action kills the process without a save (training/signals.py).
+from megatron_cslm.training import signals  # isort: skip
+
+signals.install()
 
 import argparse
 

@@ -1,3 +1,4 @@
+# ruff: noqa: E402 (the exit-signal handlers are installed before the heavy imports)
 """Supervised fine-tuning on packed chain-of-modality dialogue (CSLM stage 2).
 
     torchrun --nproc-per-node 8 -m megatron_cslm.sft --config examples/configs/sft_llama3.1_8b.yaml
@@ -8,6 +9,12 @@ THD `cu_seqlens` on TE; the dense block-diagonal mask (spec `local_mask`) is the
 is reported (and optionally weighted) per modality: question transcript (TQ), text answer (TA), speech (SA).
 """
 from __future__ import annotations
+
+# First, before the imports below (torch, megatron-core: seconds): SLURM's pre-timeout SIGUSR1 may come during
+# start-up, and its default action kills the process without a save (training/signals.py).
+from megatron_cslm.training import signals  # isort: skip
+
+signals.install()
 
 import argparse
 import logging

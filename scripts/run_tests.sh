@@ -10,4 +10,4 @@ cd "$ROOT"
 "$VENV/bin/python" -c 'import sys, megatron_cslm, torch, megatron.core as m, transformers as t
 print(f"[tests] Python {sys.version.split()[0]}, torch {torch.__version__}, megatron-core {m.__version__}, "
       f"transformers {t.__version__}")'
-exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider "${@:-tests}"
+exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider --durations=25 "${@:-tests}"

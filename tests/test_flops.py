@@ -20,3 +20,12 @@ def test_forward_flops_are_two_per_matmul_weight_plus_attention():
 def test_mfu_of_a_known_throughput():
     # 989 TFLOP/s peak; 10 TFLOP/token at 9.89 tokens/s is exactly 10% of peak
     assert abs(mfu(9.89, 10e12, 989.0) - 0.1) < 1e-12
+
+
+def test_cpu_mfu_is_taken_against_the_measured_matmul_peak_not_a_gpus():
+    from megatron_cslm.training.profiling import device_peak_tflops
+
+    peak, source = device_peak_tflops("cpu")
+    assert "measured CPU" in source
+    # A 2-core CPU reaches tens to hundreds of GFLOP/s in fp32, never an H100's 989 TFLOP/s.
+    assert 1e-4 < peak < 50.0

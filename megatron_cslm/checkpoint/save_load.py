@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_cslm.checkpoint.retention import RetentionPolicy, apply_retention
 from megatron_cslm.compat import dist_save_async_kwargs, init_optimizer_state, start_async_checkpoint_results_queue
 from megatron_cslm.errors import CslmError
 from megatron_cslm.fileio import atomic_open
@@ -147,13 +148,15 @@ class SaveStrategies:
 
 
 def save_checkpoint(root: str | os.PathLike, iteration: int, model: list, optimizer, scheduler,
-                    common: dict, async_queue=None, strategies: SaveStrategies | None = None) -> Path:
+                    common: dict, async_queue=None, strategies: SaveStrategies | None = None,
+                    retention: RetentionPolicy | None = None) -> Path:
     """Collective save. `common` (iteration, consumed samples, args) must be identical on every rank.
 
     With `async_queue` (a megatron-core `AsyncCallsQueue`, see `AsyncCheckpointer`) the tensor payload is
     written by a background process and this returns once it is scheduled; the rename to `iter_XXXXXXX`
     and the tracker happen in a finalize step that megatron-core runs only after every rank's writer
-    finished. A crash before that leaves `iter_XXXXXXX.tmp` and the previous tracker."""
+    finished. A crash before that leaves `iter_XXXXXXX.tmp` and the previous tracker. `retention` runs on rank 0
+    after the tracker names this save (checkpoint/retention.py)."""
     from megatron.core import dist_checkpointing
 
     rank = dist.get_rank()
@@ -181,6 +184,8 @@ def save_checkpoint(root: str | os.PathLike, iteration: int, model: list, optimi
             os.replace(tmp, final)
             with atomic_open(Path(root) / TRACKER) as f:
                 f.write(f"{iteration}\n")
+            if retention is not None:
+                apply_retention(root, iteration, retention)
         dist.barrier()
 
     if request is None:
@@ -199,11 +204,12 @@ class AsyncCheckpointer:
     a signal, at the end of training). One save in flight at a time, like Megatron-LM: a new save first
     waits for the previous one, so a slow filesystem never piles up copies of the state."""
 
-    def __init__(self, strategies: SaveStrategies | None = None):
+    def __init__(self, strategies: SaveStrategies | None = None, retention: RetentionPolicy | None = None):
         from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
         self.queue = AsyncCallsQueue(persistent=False)
         self.strategies = strategies or SaveStrategies()
+        self.retention = retention
         # The writers' result queue lives in a spawned Manager process that takes seconds to start: start it
         # now, beside the model and data set-up, instead of inside the first save (where training would wait).
         self._results_queue = threading.Thread(target=start_async_checkpoint_results_queue, daemon=True)
@@ -217,7 +223,7 @@ class AsyncCheckpointer:
         self._results_queue.join()
         self.wait()
         return save_checkpoint(root, iteration, model, optimizer, scheduler, common, async_queue=self.queue,
-                               strategies=self.strategies)
+                               strategies=self.strategies, retention=self.retention)
 
     def poll(self) -> list[int]:
         return self.queue.maybe_finalize_async_calls(blocking=False)
@@ -225,9 +231,12 @@ class AsyncCheckpointer:
     def wait(self) -> list[int]:
         return self.queue.maybe_finalize_async_calls(blocking=True)
 
-    def close(self) -> None:
-        self.wait()
-        self.queue.close()
+    def close(self, abort: bool = False) -> None:
+        """Publish pending saves and stop the writers; `abort` (after an error) stops them without the collective
+        wait, leaving unfinished saves as `.tmp`."""
+        if not abort:
+            self.wait()
+        self.queue.close(abort=abort)
 
 
 def load_checkpoint(root: str | os.PathLike, iteration: int, model: list, optimizer, scheduler,

@@ -61,7 +61,12 @@ def build_parser(description: str, sft: bool = False) -> argparse.ArgumentParser
                    help="layer spec (te is an alias of transformer_engine); default: transformer_engine when "
                         "Transformer Engine and CUDA are present, else local")
     g.add_argument("--distributed-timeout-minutes", type=positive_int, default=R.distributed_timeout_minutes,
-                   help="timeout of torch.distributed collectives, minutes")
+                   help="timeout of torch.distributed collectives, minutes (a timed-out collective exits 76, "
+                        "like a stall)")
+    g.add_argument("--step-timeout-minutes", type=positive_float, default=R.step_timeout_minutes,
+                   help="hang watchdog: when no step completes within this many minutes every rank dumps its "
+                        "Python stacks, the ranks that did not arrive are named, and the job exits 76 (default: "
+                        "30 min until the first 3 steps complete, then max(5 min, 10x the slowest of them))")
 
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", default=D.data_path,
@@ -157,6 +162,12 @@ def build_parser(description: str, sft: bool = False) -> argparse.ArgumentParser
                    default=C.ckpt_assume_constant_structure,
                    help="the checkpointed state keeps its structure for the whole run: reuse megatron-core's save "
                         "plan and check sharding integrity on the first save only (faster saves; default: off)")
+    g.add_argument("--keep-last-n", type=positive_int, default=C.keep_last_n,
+                   help="delete older checkpoints once a newer one is complete on every rank, keeping the newest N "
+                        "(and the --keep-every archive); default: keep all")
+    g.add_argument("--keep-every", type=positive_int, default=C.keep_every,
+                   help="with --keep-last-n: also keep, forever, the first checkpoint at or after every multiple "
+                        "of this many iterations")
 
     g = p.add_argument_group("communication (megatron-core DDP)")
     g.add_argument("--overlap-grad-reduce", action="store_true", default=CommConfig.overlap_grad_reduce,
@@ -194,7 +205,9 @@ def build_parser(description: str, sft: bool = False) -> argparse.ArgumentParser
     g.add_argument("--wandb-project", default=L.wandb_project,
                    help="log to Weights & Biases too (needs wandb installed)")
     g.add_argument("--peak-tflops", type=positive_float, default=L.peak_tflops,
-                   help="dense peak TFLOP/s per GPU for MFU (H100 BF16: 989)")
+                   help="dense peak TFLOP/s per device for MFU (default: H100/H200 bf16 989, A100 312, B200 2250 "
+                        "by device name; on CPU the measured fp32 matmul peak of the process; an unknown GPU "
+                        "logs no MFU)")
     return p
 
 

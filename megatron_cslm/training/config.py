@@ -67,6 +67,7 @@ class RuntimeConfig:
     device: str = "cuda"  # cuda | cpu
     seed: int = 1234
     distributed_timeout_minutes: int = 10  # Megatron-LM's default
+    step_timeout_minutes: float | None = None  # hang watchdog (distributed/watchdog.py); None: tuned from steps
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,8 @@ class CheckpointConfig:
     async_save: bool = False  # megatron-core asynchronous dist_checkpointing (checkpoint/save_load.py)
     dist_ckpt_workers: int = 1  # writer processes per rank (Megatron-LM's default)
     ckpt_assume_constant_structure: bool = False  # reuse the save plan after the first save (Megatron-LM's)
+    keep_last_n: int | None = None  # retention (checkpoint/retention.py): newest complete saves kept; None: all
+    keep_every: int | None = None  # archive the first save at or after every multiple of this, forever
 
 
 @dataclass(frozen=True)
@@ -141,7 +144,7 @@ class LoggingConfig:
     eval_iters: int = 10
     tensorboard_dir: str | None = None
     wandb_project: str | None = None
-    peak_tflops: float = 989.0
+    peak_tflops: float | None = None  # None: a known GPU's dense bf16 peak, or the measured CPU matmul peak
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from megatron_cslm.training.profiling import PHASES, memory_stats
 
 class TrainingLogger:
     def __init__(self, *, enabled: bool, tensorboard_dir: str | None, wandb_project: str | None,
-                 flops_per_token: float, peak_tflops: float, world_size: int, config: dict):
+                 flops_per_token: float, peak_tflops: float | None, world_size: int, config: dict):
         self.enabled = enabled
         self.flops_per_token, self.peak_tflops, self.world_size = flops_per_token, peak_tflops, world_size
         self.writer = self.wandb = None
@@ -65,9 +65,10 @@ class TrainingLogger:
             "lr": lr, "grad_norm": grad_norm if grad_norm is not None else float("nan"),
             "throughput/tokens_per_s": tokens_per_s, "throughput/tokens_per_s_per_gpu": per_gpu,
             "throughput/tflops_per_gpu": per_gpu * self.flops_per_token / 1e12,
-            "throughput/mfu": mfu(per_gpu, self.flops_per_token, self.peak_tflops),
             "time/step_s": elapsed / max(self.steps, 1),
         })
+        if self.peak_tflops:  # None: no known peak for this device (no MFU rather than a meaningless one)
+            values["throughput/mfu"] = mfu(per_gpu, self.flops_per_token, self.peak_tflops)
         steps = max(self.steps, 1)
         values.update({f"time/{name}_s": seconds / steps for name, seconds in (phases or {}).items()})
         values.update(memory_stats())
@@ -76,7 +77,7 @@ class TrainingLogger:
             print(f" iteration {iteration:8d}/{total_iters} | {parts} | lr {lr:.3e} | grad norm "
                   f"{values['grad_norm']:.3f} | {tokens_per_s:,.0f} tok/s | "
                   f"{values['throughput/tflops_per_gpu']:.3g} TFLOP/s/GPU | "
-                  f"MFU {100 * values['throughput/mfu']:.3g}% | "
+                  f"{_mfu_text(values)}"
                   f"{1000 * values['time/step_s']:.0f} ms/step{_phase_text(values)} | {_memory_text(values)}",
                   flush=True)
             self.scalars("train/", values, iteration)
@@ -102,6 +103,10 @@ def _phase_text(values: dict[str, float]) -> str:
     """' (data 3 | forward-backward 120 | optimizer 8 | checkpoint 0 ms)' for the phases measured."""
     parts = [f"{name} {1000 * values[f'time/{name}_s']:.0f}" for name in PHASES if f"time/{name}_s" in values]
     return f" ({' | '.join(parts)} ms)" if parts else ""
+
+
+def _mfu_text(values: dict[str, float]) -> str:
+    return f"MFU {100 * values['throughput/mfu']:.3g}% | " if "throughput/mfu" in values else ""
 
 
 def _memory_text(values: dict[str, float]) -> str:

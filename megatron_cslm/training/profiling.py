@@ -85,6 +85,41 @@ def memory_stats() -> dict[str, float]:
     return {"memory/peak_rss_gib": peak_kib / 2**20, "memory/rss_gib": rss_pages * os.sysconf("SC_PAGE_SIZE") / 2**30}
 
 
+# Dense bf16 peak TFLOP/s per GPU by the name CUDA reports (substring match, first hit wins).
+GPU_PEAK_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("H800", 989.0), ("B200", 2250.0), ("GB200", 2500.0),
+                   ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("A10", 125.0))
+
+
+def measured_cpu_matmul_tflops(n: int = 1024, repeats: int = 5) -> float:
+    """This process's fp32 matmul rate (best of `repeats` n x n x n products): the peak CPU MFU is taken against.
+
+    Why measured: a CPU has no published dense peak the way a GPU does, and a GPU's peak divided into CPU
+    throughput (0.0008% MFU) says nothing. Against what this process's own GEMMs reach, the figure answers
+    the question MFU asks: how much of the achievable matmul rate the training step keeps busy.
+    """
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)  # warm-up (thread pool, first-touch)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n**3 / best / 1e12
+
+
+def device_peak_tflops(device: torch.device | str) -> tuple[float | None, str]:
+    """(peak TFLOP/s, where it came from) for MFU: a known GPU's dense bf16 peak, the measured matmul rate on a
+    CPU, or (None, reason) for a GPU this table does not know (then pass --peak-tflops; no MFU is logged)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return measured_cpu_matmul_tflops(), "measured CPU fp32 matmul peak"
+    name = torch.cuda.get_device_name(device)
+    for key, peak in GPU_PEAK_TFLOPS:
+        if key in name:
+            return peak, f"{name} dense bf16 peak"
+    return None, f"unknown GPU {name!r}: pass --peak-tflops for MFU"
+
+
 class StepProfiler:
     """torch.profiler over iterations [start, end] on the chosen ranks; a no-op elsewhere."""
 

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import logging
 import math
-import signal
 import sys
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -33,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_cslm.checkpoint.manifest import ModelManifest, copy_notices, load_any_manifest, read_common_state
+from megatron_cslm.checkpoint.retention import RetentionPolicy
 from megatron_cslm.checkpoint.save_load import (
     AsyncCheckpointer,
     SaveStrategies,
@@ -41,17 +43,27 @@ from megatron_cslm.checkpoint.save_load import (
     save_checkpoint,
 )
 from megatron_cslm.distributed import parallel
-from megatron_cslm.errors import CslmError
+from megatron_cslm.distributed.watchdog import StepWatchdog, default_store, stall_for_tests
+from megatron_cslm.errors import EXIT_RESTART, CslmError, record_exit_status
 from megatron_cslm.models.flops import train_flops_per_token
 from megatron_cslm.models.llama import ARCHS, LlamaArch, padded_vocab_size, transformer_config
+from megatron_cslm.training import signals
 from megatron_cslm.training.config import RunConfig
 from megatron_cslm.training.lineage import stage_record
 from megatron_cslm.training.logger import TrainingLogger
-from megatron_cslm.training.profiling import ManualGC, PhaseTimers, StepProfiler, TimedIterator, profile_dir
+from megatron_cslm.training.profiling import (
+    ManualGC,
+    PhaseTimers,
+    StepProfiler,
+    TimedIterator,
+    device_peak_tflops,
+    profile_dir,
+)
 from megatron_cslm.training.setup import build_model, build_optimizer, schedule_of
 from megatron_cslm.training.step import evaluate, train_step
 
 log = logging.getLogger(__name__)
+SAVE_ALLOWANCE_S = 30 * 60.0  # extra watchdog time for a checkpoint save or a validation pass
 
 
 @dataclass
@@ -155,19 +167,15 @@ def check_schedule(cfg: RunConfig, saved: dict | None, where: str) -> None:
 
 
 class _ExitSignal:
-    """SIGTERM/SIGUSR1 (what SLURM sends before the time limit) -> checkpoint at the next step boundary."""
+    """SIGTERM/SIGUSR1 (what SLURM sends before the time limit) -> checkpoint at the next step boundary. The
+    handlers are in place from process start (training/signals.py); `--no-exit-signal-handler` restores the
+    default actions."""
 
     def __init__(self, enabled: bool):
-        self.received = False
-        if enabled:
-            for sig in (signal.SIGTERM, signal.SIGUSR1):
-                signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame):
-        self.received = True
+        (signals.install if enabled else signals.uninstall)()
 
     def any_rank(self) -> bool:
-        flag = torch.tensor([int(self.received)], dtype=torch.int32,
+        flag = torch.tensor([int(bool(signals.received()))], dtype=torch.int32,
                             device="cuda" if torch.cuda.is_available() else "cpu")
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
@@ -195,14 +203,28 @@ class Trainer:
         self.stage = Path(sys.modules[module].__file__).stem if module == "__main__" else module.rsplit(".", 1)[-1]
         self.iteration = 0
         self.consumed = 0
+        self.exit_signal = _ExitSignal(self.cfg.checkpoint.exit_signal_handler)
+        self.stopped_on_signal = False
+        # made by setup() / train(); close() skips what an error left unmade
+        self.checkpointer = self.logger = self.profiler = self.manual_gc = self.timers = self.watchdog = None
 
     def run(self) -> int:
-        """Train; returns the last completed iteration."""
+        """Train; returns the exit status: 0 when --train-iters is reached, EXIT_RESTART (75) when a signal
+        stopped the run first (after a save if anything was new), so a launcher knows to run it again."""
         self.setup()
         self.resume_or_init()
-        self.train()
-        self.close()
-        return self.iteration
+        if self.exit_signal.any_rank():  # a signal during start-up: nothing trained yet, nothing new to save
+            log.info(f"exiting on signal {', '.join(signals.received()) or '(another rank)'} during start-up, "
+                     f"at iteration {self.iteration}: nothing new to save")
+            self.stopped_on_signal = True
+        else:
+            self.train()
+        if self.stopped_on_signal and self.iteration < self.cfg.optim.train_iters:
+            if dist.get_rank() == 0:
+                record_exit_status(EXIT_RESTART)
+            dist.barrier()  # written before any rank exits (a launcher may kill the rest on the first exit)
+            return EXIT_RESTART
+        return 0
 
     # -- setup ---------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -234,7 +256,8 @@ class Trainer:
                                  use_distributed_optimizer=cfg.optim.use_distributed_optimizer, comm=cfg.comm)
         ck = cfg.checkpoint
         self.save_strategies = SaveStrategies(ck.dist_ckpt_workers, ck.ckpt_assume_constant_structure)
-        self.checkpointer = AsyncCheckpointer(self.save_strategies) if ck.async_save else None
+        self.retention = RetentionPolicy(ck.keep_last_n, ck.keep_every)
+        self.checkpointer = AsyncCheckpointer(self.save_strategies, self.retention) if ck.async_save else None
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optim, config, data.global_batch_size,
                                                          checkpoint=cfg.checkpoint)
 
@@ -281,11 +304,18 @@ class Trainer:
         train_iter = self.task.stream(self.task.train, self.consumed, self.dp_rank, self.dp, self.num_microbatches)
         flops = train_flops_per_token(self.source.arch, data.seq_length, self.padded_vocab,
                                       full_recompute=cfg.model.recompute_granularity == "full")
-        self.logger = TrainingLogger(enabled=dist.get_rank() == self.world - 1, tensorboard_dir=lg.tensorboard_dir,
+        logs_here = dist.get_rank() == self.world - 1
+        peak = lg.peak_tflops
+        if peak is None and logs_here:
+            peak, source = device_peak_tflops(self.device)
+            log.info("MFU against %s%s", source, f" ({peak * 1e3:.1f} GFLOP/s)" if peak else "")
+        self.logger = TrainingLogger(enabled=logs_here, tensorboard_dir=lg.tensorboard_dir,
                                      wandb_project=lg.wandb_project, flops_per_token=flops,
-                                     peak_tflops=lg.peak_tflops, world_size=self.world, config=cfg.flat())
-        exit_signal = _ExitSignal(cfg.checkpoint.exit_signal_handler)
+                                     peak_tflops=peak, world_size=self.world, config=cfg.flat())
         self.timers = PhaseTimers()
+        rt = cfg.runtime
+        self.watchdog = StepWatchdog(None if rt.step_timeout_minutes is None else 60.0 * rt.step_timeout_minutes,
+                                     rank=dist.get_rank(), world=self.world, store=default_store())
         if train_iter is not None:
             train_iter = TimedIterator(train_iter, self.timers)
         pr = cfg.profiling
@@ -298,6 +328,7 @@ class Trainer:
             self.save()
         while self.iteration < train_iters:
             self.profiler.before_step(self.iteration + 1)
+            stall_for_tests(dist.get_rank(), self.iteration + 1)
             stats = train_step(self.model, self.optimizer, self.scheduler, train_iter,
                                global_batch_size=data.global_batch_size, group_weights=self.task.group_weights,
                                timers=self.timers, **self._step_kwargs())
@@ -308,6 +339,7 @@ class Trainer:
                     self.checkpointer.poll()
             self.iteration += 1
             self.consumed += data.global_batch_size
+            self.watchdog.beat(self.iteration)
             self.check_finite(stats)
             self.logger.accumulate(stats["losses"], data.global_batch_size * data.seq_length)
             last = self.iteration == train_iters
@@ -316,10 +348,11 @@ class Trainer:
                                   stats["grad_norm"], train_iters, phases=self.timers.take())
             if self.task.has_valid and lg.eval_interval and (self.iteration % lg.eval_interval == 0 or last):
                 self.validate()
-            if exit_signal.any_rank():
+            if self.exit_signal.any_rank():
                 self.save()
                 self.wait_for_saves()
                 log.info(f"exiting on signal after iteration {self.iteration}")
+                self.stopped_on_signal = True
                 break
             if self.iteration % cfg.checkpoint.save_interval == 0 or last:
                 self.save()
@@ -341,7 +374,7 @@ class Trainer:
 
     def validate(self) -> None:
         valid_iter = self.task.stream(self.task.valid, 0, self.dp_rank, self.dp, self.num_microbatches)
-        with self._params_gathered():
+        with self._params_gathered(), self._allowance():
             losses = evaluate(self.model, valid_iter, num_batches=self.cfg.logging.eval_iters, **self._step_kwargs())
         self.logger.validation(self.iteration, losses)
 
@@ -360,10 +393,16 @@ class Trainer:
                 for chunk in self.model:
                     chunk.enable_forward_pre_hook()
 
+    def _allowance(self):
+        """Saves and validation may outlast a step: the watchdog gives them SAVE_ALLOWANCE_S more."""
+        if self.watchdog is None:
+            return contextlib.nullcontext()
+        return self.watchdog.allowance(SAVE_ALLOWANCE_S)
+
     def wait_for_saves(self) -> None:
         """Block until pending asynchronous saves are published (collective; a no-op for synchronous saves)."""
         if self.checkpointer is not None and self.checkpointer.pending:
-            with self.timers.phase("checkpoint"):
+            with self.timers.phase("checkpoint"), self._allowance():
                 self.checkpointer.wait()
             log.info(f"asynchronous checkpoint saves complete (latest: {latest_iteration(self.cfg.checkpoint.save)})")
 
@@ -376,22 +415,33 @@ class Trainer:
         common = {"iteration": it, "consumed_samples": self.consumed, "args": _plain(vars(self.args)),
                   "schedule": schedule_of(self.cfg.optim, self.cfg.data.global_batch_size)}
         optimizer = self.optimizer if with_optim else None
-        with self.timers.phase("checkpoint"), self._params_gathered():
+        with self.timers.phase("checkpoint"), self._params_gathered(), self._allowance():
             if self.checkpointer is not None:  # returns once the background writers started
                 self.checkpointer.save(ck.save, it, self.model, optimizer, self.scheduler, common)
                 log.info(f"saving checkpoint at iteration {it} to {ck.save} in the background")
             else:
                 save_checkpoint(ck.save, it, self.model, optimizer, self.scheduler, common,
-                                strategies=self.save_strategies)
+                                strategies=self.save_strategies, retention=self.retention)
                 log.info(f"saved checkpoint at iteration {it} to {ck.save}")
 
-    def close(self) -> None:
-        self.wait_for_saves()
+    def close(self, abort: bool = False) -> None:
+        """Finish pending saves and close writers and loggers; runs on every exit. After an error (`abort`) only
+        what set-up got to create is closed, and pending asynchronous saves are abandoned without the collective
+        wait (other ranks may be gone): they stay `.tmp` and are never resumed from."""
         if self.checkpointer is not None:
-            self.checkpointer.close()
-        self.profiler.close()
-        self.manual_gc.close()
-        self.logger.close()
+            if not abort and self.timers is not None:
+                self.wait_for_saves()
+            self.checkpointer.close(abort=abort)
+        for part in (self.watchdog, self.profiler, self.manual_gc, self.logger):
+            if part is not None:
+                part.close()
+
+
+def _is_collective_timeout(error: RuntimeError) -> bool:
+    """A torch.distributed collective that ran past its timeout (gloo: 'Timed out waiting ...'; NCCL:
+    DistBackendError '... timeout ...'; NCCL's own watchdog may abort the process first)."""
+    text = str(error).lower()
+    return "timed out" in text or (isinstance(error, dist.DistBackendError) and "timeout" in text)
 
 
 def main(make_task, parser_factory, argv: list[str] | None = None) -> int:
@@ -400,13 +450,26 @@ def main(make_task, parser_factory, argv: list[str] | None = None) -> int:
     from megatron_cslm.training.arguments import parse_args
 
     args = parse_args(parser_factory(), argv)
+    trainer = Trainer(args, make_task)
+    failed = True
     try:
-        Trainer(args, make_task).run()
-    except CslmError:
-        parallel.destroy()
-        raise
-    except (ValueError, FileNotFoundError) as e:  # configuration checks that predate CslmError: usage errors
-        parallel.destroy()
+        code = trainer.run()
+        failed = False
+        return code
+    except (ValueError, FileNotFoundError) as e:
+        if isinstance(e, CslmError):
+            raise
+        # configuration checks that predate CslmError: usage errors
         raise CslmError(message=str(e), kind="usage", reason="usage") from e
-    parallel.destroy()
-    return 0
+    except RuntimeError as e:
+        if not _is_collective_timeout(e):
+            raise
+        # --distributed-timeout-minutes ran out: end like a stall (stacks in the log, exit 76, requeued)
+        traceback.print_exc()
+        faulthandler.dump_traceback(all_threads=True)
+        raise CslmError(message=f"rank {dist.get_rank()}: a collective timed out after "
+                        f"{trainer.cfg.runtime.distributed_timeout_minutes} min ({str(e).splitlines()[0][:200]})",
+                        kind="stalled", reason="collective_timeout") from e
+    finally:
+        trainer.close(abort=failed)
+        parallel.destroy()

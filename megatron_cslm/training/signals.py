@@ -1,0 +1,47 @@
+"""Exit signals, caught from process start: SIGTERM / SIGUSR1 ask for a save and a clean exit, never a kill.
+
+Why from process start: SLURM sends its pre-timeout SIGUSR1 (`--signal=USR1@600`) whenever the limit nears,
+which can be during start-up (imports, model build, a checkpoint load: minutes at 8B). Python's default action
+for SIGUSR1 is to terminate, so a handler installed only before the training loop loses the job without a word.
+The entry points call `install()` before importing torch; the trainer asks `received()` once set-up is done
+and at every step boundary (collectively, so all ranks stop at the same step).
+
+Invariants:
+- Handlers only record the signal; nothing is done inside a handler (it may interrupt a collective).
+- `install()` is idempotent; `uninstall()` restores the default actions (`--no-exit-signal-handler`), after
+  which a signal that was already recorded still counts.
+- Importing this module imports nothing heavy.
+"""
+from __future__ import annotations
+
+import signal
+
+EXIT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+_received: list[int] = []
+_installed = False
+
+
+def _record(signum, frame) -> None:
+    _received.append(signum)
+
+
+def install() -> None:
+    """Record SIGTERM/SIGUSR1 from now on instead of dying (main thread only, as Python requires)."""
+    global _installed
+    if not _installed:
+        for sig in EXIT_SIGNALS:
+            signal.signal(sig, _record)
+        _installed = True
+
+
+def uninstall() -> None:
+    global _installed
+    if _installed:
+        for sig in EXIT_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        _installed = False
+
+
+def received() -> list[str]:
+    """Names of the exit signals received so far in this process (empty: none)."""
+    return [signal.Signals(s).name for s in _received]
