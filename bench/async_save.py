@@ -17,17 +17,15 @@ The last line is `async vs sync save stall: N.NNx` (stall ratio; below 1 the asy
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from _common import ROOT, pretrain_command, run_env
 
-ROOT = Path(__file__).resolve().parent.parent
 STEP = re.compile(r"iteration\s+(\d+)/\d+ .*\| (\d+) ms/step")
 
 
@@ -54,12 +52,9 @@ def build_data(out: Path, tokens: int, seed: int = 0) -> tuple[Path, str]:
 
 
 def step_times(tokenizer: Path, prefix: str, out: Path, iters: int, *extra: str) -> dict[int, float]:
-    cmd = [sys.executable, "-m", "megatron_cslm.pretrain", "--device", "cpu", "--model-arch", "small",
-           "--tokenizer-model", str(tokenizer), "--data-path", prefix, "--seq-length", "128",
-           "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", str(iters), "--eval-interval", "0",
-           "--log-interval", "1", "--data-cache-path", str(out / "cache"), "--lr", "1e-4", *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore",
-           "MASTER_PORT": str(29800 + os.getpid() % 150)}
+    cmd = pretrain_command(tokenizer, [prefix], out / "cache", model_arch="small", global_batch_size=2,
+                           extra=("--train-iters", iters, "--lr", "1e-4", *extra))
+    env = run_env()
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if p.returncode != 0:
         raise SystemExit(f"training run failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")

@@ -1,24 +1,34 @@
 #!/usr/bin/env python
-"""Checkpoint conversion throughput and peak memory at Llama-3.1-8B scale.
+"""Checkpoint conversion throughput and peak memory at Llama-3.1-8B scale, against a plain copy of the bytes.
 
 Builds a random-weight HF checkpoint with the exact Llama-3.1-8B shapes in bf16 (16 GB in 4 shards like
-Meta's, generated shard by shard without building a model), then runs, each in its own subprocess:
+Meta's, generated shard by shard without building a model; `--layers N` keeps the 8B embedding, head and
+layer shapes but only N decoder layers, for a disk or a clock too small for 16 GB per direction), then runs,
+each in its own subprocess:
 
     HF -> megatron (--tp 2 --pp 2 --expand-vocab)   and   megatron -> HF (--dtype bf16)
 
-and the same for the tiny model. Peak RSS is the converter process's own high-water mark (VmHWM; the
-converters start no child processes). Baseline, in this process on the same files: a plain sequential copy of the HF
-shards, so `vs copy` is conversion throughput as a fraction of what the disk does for the same bytes.
-The page cache is left as it is (24 GB RAM machine: part of a 16 GB checkpoint stays cached for both).
+and the same for the tiny model. Baseline, in this process on the same files: a plain copy of the input's
+files (the HF shards for HF -> megatron, the megatron checkpoint for megatron -> HF), so `vs copy` is a
+conversion's throughput over what the disk does for the same bytes read and written. The two are measured
+alike and interleaved (copy, convert, copy, convert, ... `--repeats` rounds; best of each): before every
+step the input is written back and dropped from the page cache (`--cache cold`; `--cache warm` reads it
+through once instead), and every step ends with its output on disk (`os.sync`). A conversion's time is the
+tool's run after its libraries are imported (the wrapper imports torch, transformers and the converters
+first, so interpreter start-up is not counted); its peak RSS is the process's own high-water mark (VmHWM;
+the converters start no child processes), imports included.
 
-    python bench/convert.py            # 8B + tiny; needs ~50 GB free under --work-dir, ~10 min on 2 cores
-    python bench/convert.py --quick    # tiny only, seconds
+    python bench/convert.py              # 8B + tiny; needs ~70 GB free under --work-dir
+    python bench/convert.py --layers 8   # 8B shapes, 8 of 32 layers: ~5.6 GB per checkpoint, ~25 GB of disk
+    python bench/convert.py --quick      # tiny only, seconds
 
-Exits non-zero if a conversion's peak RSS exceeds --max-rss-gib.
+Ends with `hf->megatron vs copy: N.NNx` and `megatron->hf vs copy: N.NNx` (the largest model measured, peak
+RSS beside them); exits non-zero if a conversion's peak RSS exceeds --max-rss-gib.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -28,6 +38,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import evict
 
 from megatron_cslm.cli import run_tool
 from megatron_cslm.convert.layout import hf_tensor_specs
@@ -38,12 +49,22 @@ ROOT = Path(__file__).resolve().parent.parent
 
 GiB = 2**30
 POOL = 2**27  # random bf16 values reused at random offsets (256 MB)
-# Runs a CLI as __main__ and reports the peak RSS of this process image (VmHWM). rusage maxrss would also count
-# the bench process's pages at fork time (Linux folds the pre-exec hiwater mark into it).
-PEAK_WRAPPER = """import runpy, sys
+# Runs a CLI as __main__ after importing what it imports, times the run to its output being on disk, and reports
+# the peak RSS of this process image (VmHWM). rusage maxrss would also count the bench process's pages at fork
+# time (Linux folds the pre-exec hiwater mark into it).
+PEAK_WRAPPER = """import os, runpy, sys, time
+import torch, transformers, megatron.core
+import megatron_cslm.cli.hf_to_megatron, megatron_cslm.cli.megatron_to_hf
 sys.argv = sys.argv[1:]
+start = time.perf_counter()
 try:
-    runpy.run_path(sys.argv[0], run_name="__main__")
+    try:
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise
+    os.sync()
+    print(f"RUN_SECONDS {time.perf_counter() - start}", flush=True)
 finally:
     hwm = open("/proc/self/status").read().split("VmHWM:")[1].split()[0]
     print(f"PEAK_RSS_KIB {hwm}", flush=True)
@@ -77,50 +98,77 @@ def random_hf_checkpoint(out: Path, arch: LlamaArch, max_shard_bytes: int, seed:
 
 
 def run_measured(script: str, *args: str) -> tuple[float, float]:
-    """(wall seconds, peak RSS GiB) of a CLI run in a fresh interpreter; raises with its output if it fails."""
-    start = time.perf_counter()
+    """(seconds, peak RSS GiB) of a CLI run in a fresh interpreter; raises with its output if it fails."""
     proc = subprocess.run([sys.executable, "-c", PEAK_WRAPPER, script, *args], cwd=ROOT, capture_output=True,
                           text=True)
-    wall = time.perf_counter() - start
     if proc.returncode:
         raise RuntimeError(f"{script} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}"
                            f"\n{proc.stderr[-3000:]}")
+    seconds = float(proc.stdout.rsplit("RUN_SECONDS", 1)[1].split()[0])
     peak_kib = int(proc.stdout.rsplit("PEAK_RSS_KIB", 1)[1].split()[0])
-    return wall, peak_kib * 1024 / GiB
+    return seconds, peak_kib * 1024 / GiB
 
 
-def copy_baseline(src: Path, dst: Path) -> float:
-    """GB/s of a sequential read + write of the HF shards (same bytes a conversion reads and writes)."""
-    dst.mkdir(parents=True)
-    nbytes, start = 0, time.perf_counter()
-    for shard in sorted(src.glob("*.safetensors")):
-        shutil.copyfile(shard, dst / shard.name)
-        nbytes += shard.stat().st_size
+def files_of(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.rglob("*") if p.is_file())
+
+
+def prepare(src: Path, cache: str) -> None:
+    """Put `src`'s files in the same page-cache state before every step: written back and dropped (cold), or
+    read through once (warm)."""
+    os.sync()
+    for f in files_of(src):
+        if cache == "cold":
+            evict(f)
+        else:
+            with open(f, "rb") as fh:
+                while fh.read(2**24):
+                    pass
+
+
+def copy_seconds(src: Path, dst: Path) -> float:
+    """Seconds for a plain copy of `src`'s files into `dst`, until on disk (the output is removed after)."""
+    start = time.perf_counter()
+    for f in files_of(src):
+        target = dst / f.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, target)
     os.sync()
     seconds = time.perf_counter() - start
     shutil.rmtree(dst)
-    return nbytes / 1e9 / seconds
+    return seconds
 
 
-def bench_model(label: str, arch: LlamaArch, work: Path, max_shard_bytes: int) -> list[dict]:
+def bench_model(label: str, arch: LlamaArch, work: Path, max_shard_bytes: int, repeats: int,
+                cache: str) -> list[dict]:
     hf, run, back = work / f"{label}-hf", work / f"{label}-megatron", work / f"{label}-hf-export"
     start = time.perf_counter()
     random_hf_checkpoint(hf, arch, max_shard_bytes)
     print(f"[{label}] generated {hf} in {time.perf_counter() - start:.1f} s", flush=True)
     nbytes = HFCheckpoint(hf).total_bytes
-    copy_gbs = copy_baseline(hf, work / f"{label}-copy")
-    rows = []
-    steps = [("hf -> megatron (tp2 pp2, expand)", ["checkpoints_convert/hf_to_megatron.py", "--hf-dir", str(hf),
-                                                   "--out", str(run), "--tp", "2", "--pp", "2", "--expand-vocab"]),
-             ("megatron -> hf (bf16)", ["checkpoints_convert/megatron_to_hf.py", "--megatron-dir", str(run),
-                                        "--out", str(back), "--dtype", "bf16"])]
-    for step, cmd in steps:
-        wall, rss = run_measured(*cmd)
-        rows.append({"model": label, "step": step, "GB": nbytes / 1e9, "seconds": wall, "GB/s": nbytes / 1e9 / wall,
-                     "copy GB/s": copy_gbs, "peak RSS GiB": rss})
-        print(f"[{label}] {step}: {wall:.1f} s, peak RSS {rss:.2f} GiB", flush=True)
+    steps = [("hf -> megatron (tp2 pp2, expand)", hf, run,
+              ["checkpoints_convert/hf_to_megatron.py", "--hf-dir", str(hf), "--out", str(run), "--tp", "2", "--pp",
+               "2", "--expand-vocab"]),
+             ("megatron -> hf (bf16)", run, back,
+              ["checkpoints_convert/megatron_to_hf.py", "--megatron-dir", str(run), "--out", str(back), "--dtype",
+               "bf16"])]
+    best = {step: {"seconds": float("inf"), "copy": float("inf"), "rss": 0.0} for step, *_ in steps}
+    for r in range(repeats):
+        for step, src, out, cmd in steps:
+            if r > 0:
+                shutil.rmtree(out)
+            prepare(src, cache)
+            copy = copy_seconds(src, work / f"{label}-copy")
+            prepare(src, cache)
+            seconds, rss = run_measured(*cmd)
+            b = best[step]
+            b["seconds"], b["copy"], b["rss"] = min(b["seconds"], seconds), min(b["copy"], copy), max(b["rss"], rss)
+            print(f"[{label}] round {r + 1}: copy {copy:.1f} s, {step} {seconds:.1f} s ({copy / seconds:.2f}x), "
+                  f"peak RSS {rss:.2f} GiB", flush=True)
     check_export(hf, back, arch)
-    return rows
+    return [{"model": label, "step": step, "GB": nbytes / 1e9, "seconds": b["seconds"],
+             "GB/s": nbytes / 1e9 / b["seconds"], "copy GB/s": nbytes / 1e9 / b["copy"], "peak RSS GiB": b["rss"]}
+            for step, b in best.items()]
 
 
 def check_export(hf: Path, back: Path, arch: LlamaArch) -> None:
@@ -137,8 +185,13 @@ def check_export(hf: Path, back: Path, arch: LlamaArch) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="Tiny model only (seconds, a few MB of disk).")
+    p.add_argument("--layers", type=int, default=None,
+                   help="Decoder layers of the 8B-shaped model (default: all 32; each layer is 0.44 GB in bf16).")
+    p.add_argument("--repeats", type=int, default=2, help="Rounds of (copy, convert) per direction; best of each.")
+    p.add_argument("--cache", choices=("cold", "warm"), default="cold",
+                   help="Page-cache state of the input before each copy and conversion alike (default: cold).")
     p.add_argument("--work-dir", default="/tmp/cslm_convert_bench",
-                   help="Scratch directory (deleted afterwards unless --keep); the 8B run needs ~50 GB.")
+                   help="Scratch directory (deleted afterwards unless --keep); the 8B run needs ~70 GB.")
     p.add_argument("--keep", action="store_true", help="Keep the generated and converted checkpoints.")
     p.add_argument("--max-rss-gib", type=float, default=4.0, help="Fail if a conversion's peak RSS exceeds this.")
     args = p.parse_args()
@@ -148,11 +201,14 @@ def main() -> int:
         raise SystemExit(f"{work} exists; remove it or pass another --work-dir")
     models = [("tiny", ARCHS["tiny"].with_vocab(128256), 20 * 2**20)]
     if not args.quick:
-        models.append(("llama3.1-8b", ARCHS["llama3.1-8b"], 5 * 10**9))
+        arch = ARCHS["llama3.1-8b"]
+        if args.layers:
+            arch = dataclasses.replace(arch, num_layers=args.layers)
+        models.append((f"llama3.1-8b{f'-{args.layers}L' if args.layers else ''}", arch, 5 * 10**9))
     rows = []
     try:
         for label, arch, shard in models:
-            rows += bench_model(label, arch, work, shard)
+            rows += bench_model(label, arch, work, shard, args.repeats, args.cache)
             if not args.keep:  # free the disk before the next model
                 for leftover in work.glob(f"{label}-*"):
                     shutil.rmtree(leftover)
@@ -160,18 +216,20 @@ def main() -> int:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 
-    print(f"\n{'model':<12} {'step':<34} {'GB':>7} {'s':>7} {'GB/s':>6} {'vs copy':>8} {'peak RSS':>9}")
+    print(f"\n{'model':<16} {'step':<34} {'GB':>7} {'s':>7} {'GB/s':>6} {'copy GB/s':>9} {'vs copy':>8} "
+          f"{'peak RSS':>9}")
     for r in rows:
-        print(f"{r['model']:<12} {r['step']:<34} {r['GB']:>7.2f} {r['seconds']:>7.1f} {r['GB/s']:>6.2f} "
-              f"{r['GB/s'] / r['copy GB/s']:>7.2f}x {r['peak RSS GiB']:>6.2f} GiB")
-    for label, copy_gbs in dict((r["model"], r["copy GB/s"]) for r in rows).items():
-        print(f"baseline ({label}): sequential copy of the HF shards at {copy_gbs:.2f} GB/s")
+        print(f"{r['model']:<16} {r['step']:<34} {r['GB']:>7.2f} {r['seconds']:>7.1f} {r['GB/s']:>6.2f} "
+              f"{r['copy GB/s']:>9.2f} {r['GB/s'] / r['copy GB/s']:>7.2f}x {r['peak RSS GiB']:>6.2f} GiB")
+    print(f"(best of {args.repeats} interleaved rounds, {args.cache} page cache before each step)")
     over = [r for r in rows if r["peak RSS GiB"] > args.max_rss_gib]
     if over:
         print(f"FAIL: peak RSS above {args.max_rss_gib} GiB: {[(r['model'], r['step']) for r in over]}")
-        return 1
-    print(f"OK: every conversion peaked below {args.max_rss_gib} GiB RSS")
-    return 0
+    largest = [r for r in rows if r["model"] == rows[-1]["model"]]
+    for r, label in zip(largest, ("hf->megatron", "megatron->hf")):
+        print(f"{label} vs copy: {r['GB/s'] / r['copy GB/s']:.2f}x (peak RSS {r['peak RSS GiB']:.2f} GiB, "
+              f"{r['model']})")
+    return 1 if over else 0
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 #!/usr/bin/env python
 """Offline best-fit-decreasing packing vs the CSLM authors' per-batch padding, on SFT-like lengths.
 
-Lengths only (no tokenizer): a spoken question of U(2, 20) s at 50 units/s, its transcript, and an answer
+Lengths only (no tokenizer): a spoken question of U(2, 20) s at --units-per-second (50: speech_tokenizer_v1,
+the default here, as the README's figures; 25: the v1_25hz / v2_25hz tokenizers), its transcript, and an answer
 of U(50, 400) words as text (1.3 Llama-3 tokens/word, <sosp>/<eosp> per 7-word chunk) plus its speech at
-2.5 words/s = 20 units/word; `dedup` scales units by 0.6 (deduplicated S3 units), plus ~30 chat-template
-tokens. The longest such sample has ~9,700 positions with raw units, ~6,100 with deduplicated ones.
+2.5 words/s = 20 units/word at 50 units/s; `dedup` scales units by 0.6 (deduplicated S3 units), plus ~30
+chat-template tokens. The longest such sample has ~9,700 positions with raw units, ~6,100 with deduplicated ones
+at 50 units/s; ~5,200 with raw units at 25 units/s. The figures printed state the rate they assume.
 
 The authors' collator trains whole samples, so the headline compares at the bin size that holds every
 sample whole (`whole_sample_seq_length`: the power of two over the longest). Shorter bins (--seq-lengths)
@@ -37,18 +39,18 @@ from megatron_cslm.data.packing import best_fit_decreasing, packing_bound, whole
 TEMPLATE_TOKENS = 30  # BOS, role headers, instruction, <|eot_id|> x2, [question], [answer]
 TOKENS_PER_WORD = 1.3  # Llama-3 BPE on English
 WORDS_PER_SECOND = 2.5  # speaking rate
-UNITS_PER_SECOND = 50  # CosyVoice S3 tokenizer
+UNITS_PER_SECOND = 50  # speech_tokenizer_v1 (the README's figures); --units-per-second 25 for the 25 Hz tokenizers
 CHUNK_WORDS = 7  # interleaved layout: <sosp> ... <eosp> per chunk
 
 
 def sample_lengths(n: int, rng: np.random.Generator, unit_ratio: float, question_s: tuple[float, float],
-                   answer_words: tuple[float, float]) -> np.ndarray:
+                   answer_words: tuple[float, float], units_per_second: int = UNITS_PER_SECOND) -> np.ndarray:
     """Token count of n interleaved-layout SFT samples (see module docstring)."""
     q_s = rng.uniform(*question_s, n)
     words = rng.uniform(*answer_words, n)
-    question = np.round(q_s * UNITS_PER_SECOND * unit_ratio) + 2 + np.round(q_s * WORDS_PER_SECOND * TOKENS_PER_WORD)
+    question = np.round(q_s * units_per_second * unit_ratio) + 2 + np.round(q_s * WORDS_PER_SECOND * TOKENS_PER_WORD)
     answer = (np.round(words * TOKENS_PER_WORD) + 2 * np.ceil(words / CHUNK_WORDS)
-              + np.round(words / WORDS_PER_SECOND * UNITS_PER_SECOND * unit_ratio))
+              + np.round(words / WORDS_PER_SECOND * units_per_second * unit_ratio))
     return (TEMPLATE_TOKENS + question + answer).astype(np.int64)
 
 
@@ -144,6 +146,9 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="spoken question duration range, seconds, uniform (default: 2 20)")
     p.add_argument("--answer-words", type=float, nargs=2, default=(50.0, 400.0),
                    help="answer length range, words, uniform (default: 50 400)")
+    p.add_argument("--units-per-second", type=int, choices=(25, 50), default=UNITS_PER_SECOND,
+                   help="speech units per second of audio: 50 (speech_tokenizer_v1; default) or 25 "
+                        "(speech_tokenizer_v1_25hz / v2_25hz)")
     p.add_argument("--dedup-ratio", type=float, default=0.6, help="units kept by deduplication (default: 0.6)")
     p.add_argument("--attention-seq-length", type=int, default=8192,
                    help="bin size (positions) of the packed-attention cost lines (default: 8192; 2048 with --quick)")
@@ -157,15 +162,16 @@ def main(argv: list[str] | None = None) -> None:
     n = 5_000 if args.quick else args.num_samples
     rng = np.random.default_rng(args.seed)
     spans = (tuple(args.question_seconds), tuple(args.answer_words))
-    print("* = the whole-sample bin (nothing cut); cut = samples truncated to the bin, for both methods")
-    headline = {name: report(name, sample_lengths(n, rng, ratio, *spans), args)
+    print(f"speech at {args.units_per_second} units/s (--units-per-second); "
+          "* = the whole-sample bin (nothing cut); cut = samples truncated to the bin, for both methods")
+    headline = {name: report(name, sample_lengths(n, rng, ratio, *spans, args.units_per_second), args)
                 for name, ratio in (("units", 1.0), (f"dedup units (x{args.dedup_ratio})", args.dedup_ratio))}
-    print("\nwhole samples, micro-batch", args.micro_batch_size)
+    print(f"\nwhole samples, micro-batch {args.micro_batch_size}, {args.units_per_second} units/s")
     for name, r in headline.items():
         print(f"  {name:<22} seq {r['s']:>6,}: non-pad packing {r['pack']:.4f} vs padding {r['pad']:.4f} "
               f"({r['pack'] / r['pad']:.3f}x); real tokens/step {r['pack_tps'] / r['pad_tps']:.3f}x")
     s = 2048 if args.quick else args.attention_seq_length
-    lengths = sample_lengths(1000, np.random.default_rng(args.seed), args.dedup_ratio, *spans)
+    lengths = sample_lengths(1000, np.random.default_rng(args.seed), args.dedup_ratio, *spans, args.units_per_second)
     a = attention_cost(lengths, s, args.attention_repeats, args.seed)
     print(f"\npacked attention, one `small` layer, fp32 fwd+bwd, a bin of {s:,} holding {a['samples']} samples "
           f"(dedup units): per-sample SDPA {a['sample'] * 1e3:.1f} ms vs dense block mask {a['mask'] * 1e3:.1f} ms")

@@ -21,16 +21,14 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from _common import ROOT, evict, pretrain_command, run_env
 
 from megatron_cslm.toy.pipeline import TOY_SOURCES as SOURCES
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def build_toy(out: Path) -> tuple[Path, dict[str, str]]:
@@ -66,23 +64,13 @@ def repeat_dataset(src: str, dst: str, times: int) -> None:
     Path(dst + ".meta.json").write_text(json.dumps(meta))
 
 
-def evict(path: str) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-
-
 def time_to_first_step(tokenizer: Path, prefixes: dict[str, str], cache: Path) -> float:
     for p in prefixes.values():
         evict(p + ".bin")
     shutil.rmtree(cache, ignore_errors=True)
     blend = [x for name in SOURCES for x in ("0.25", prefixes[name])]
-    cmd = [sys.executable, "-m", "megatron_cslm.pretrain", "--device", "cpu", "--model-arch", "tiny",
-           "--tokenizer-model", str(tokenizer), "--data-path", *blend, "--seq-length", "128",
-           "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "1", "--eval-interval", "0",
-           "--log-interval", "1", "--data-cache-path", str(cache)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore",
-           "MASTER_PORT": str(29700 + os.getpid() % 200)}
+    cmd = pretrain_command(tokenizer, blend, cache, global_batch_size=4, extra=("--train-iters", "1"))
+    env = run_env()
     start = time.perf_counter()
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     elapsed = time.perf_counter() - start

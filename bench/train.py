@@ -37,7 +37,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -47,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from megatron_cslm.cli import run_tool
+from megatron_cslm.distributed.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -174,12 +174,6 @@ def _run(cmd: list[str], log: Path, env: dict | None = None) -> dict:
     return {"wall_s": wall, "peak_rss_gib": usage.ru_maxrss / 2**20}
 
 
-def _port() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return str(sock.getsockname()[1])
-
-
 # ---------------------------------------------------------------------------------------------- the Trainer side
 
 
@@ -305,7 +299,7 @@ def megatron_side(task: str, prep: dict, args: argparse.Namespace, work: Path) -
     cmd += ["--micro-batch-size", str(mbs), "--global-batch-size", str(mbs), "--train-iters", str(iters)]
     log = work / f"megatron_{task}.log"
     run = _run([sys.executable, "-m", f"megatron_cslm.{'sft' if task == 'sft' else 'pretrain'}", *common, *cmd],
-               log, env={"MASTER_PORT": _port()})
+               log, env={"MASTER_PORT": str(free_port())})
     steps = [(int(i), float(loss), float(ms) / 1e3) for i, loss, ms in ITERATION.findall(log.read_text())]
     if len(steps) != iters:
         raise SystemExit(f"{log}: parsed {len(steps)} iteration lines, expected {iters}")

@@ -9,6 +9,9 @@
 # one process per GPU started by `srun --ntasks-per-node=8`, ranks from SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS
 # (examples/slurm_cslm.sbatch does this, so SLURM's pre-timeout SIGUSR1 reaches every trainer directly).
 # EXTRA_ARGS (word-split) are appended to the training flags, e.g. EXTRA_ARGS="--async-save --profile".
+# PLAN=1 first prints `cslm plan` for this exact layout (memory per GPU by part, whether it fits, the layouts that
+# fit ranked by step time, time to TRAIN_TOKENS); PLAN_GPU names the GPU (default h100-80), PLAN_ARGS adds flags
+# (e.g. PLAN_ARGS="--mfu 0.45"); works with DRY_RUN=1.
 #
 # Worked example (pretraining, the paper's preset): 4 nodes x 8 GPUs = 32 GPUs, TP=2, PP=1 -> DP=16.
 #   global batch 1024 samples x 1024 tokens = 1,048,576 tokens per step;
@@ -53,6 +56,19 @@ ARGS=(--config "$CONFIG" --tensor-model-parallel-size "$TP" --pipeline-model-par
 (( TP > 1 )) && [[ "${SEQUENCE_PARALLEL:-1}" == 1 ]] && ARGS+=(--sequence-parallel)
 # shellcheck disable=SC2206
 [[ -n "${EXTRA_ARGS:-}" ]] && ARGS+=($EXTRA_ARGS)
+
+if [[ "${PLAN:-0}" == 1 ]] && [[ "${LAUNCHER:-torchrun}" != srun || "${SLURM_PROCID:-0}" == 0 ]]; then
+  PLAN_CMD=("${PYTHON:-python}" "$ROOT/tools/plan.py" --config "$CONFIG" --model-arch llama3.1-8b
+            --num-gpus "$WORLD" --gpus-per-node "$GPUS_PER_NODE" --gpu "${PLAN_GPU:-h100-80}"
+            --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" --seq-length "$SEQ"
+            --micro-batch-size "$MBS" --global-batch-size "$GBS" --train-tokens "$TRAIN_TOKENS")
+  [[ "$PRECISION" == fp8 ]] && PLAN_CMD+=(--fp8-format hybrid)
+  [[ "$RECOMPUTE" != none ]] && PLAN_CMD+=(--recompute-granularity "$RECOMPUTE")
+  [[ "${SEQUENCE_PARALLEL:-1}" == 1 ]] || PLAN_CMD+=(--no-sequence-parallel)
+  # shellcheck disable=SC2206
+  [[ -n "${PLAN_ARGS:-}" ]] && PLAN_CMD+=($PLAN_ARGS)
+  "${PLAN_CMD[@]}"
+fi
 
 if [[ "${LAUNCHER:-torchrun}" == srun ]]; then   # this process is one rank; megatron_cslm reads SLURM's variables
   CMD=("${PYTHON:-python}" -m "megatron_cslm.$STAGE" "${ARGS[@]}")

@@ -35,11 +35,14 @@ def megatron_core_version() -> tuple[int, int, int]:
 
 
 def check_megatron_core_version() -> tuple[int, int, int]:
-    """The installed version, or a ValueError naming it and the supported range."""
+    """The installed version, or a CslmError (kind compat, exit 3) naming it and the supported range.
+    Called at training start-up (training/trainer.py:main), before any process group starts."""
+    from megatron_cslm.errors import CslmError
+
     version = megatron_core_version()
     low, high = SUPPORTED_MCORE
     if not low <= version[:2] <= high:
-        raise ValueError(f"megatron-core {'.'.join(map(str, version))} is not supported: megatron_cslm is tested "
+        raise CslmError.compat(f"megatron-core {'.'.join(map(str, version))} is not supported: megatron_cslm is tested "
                          f"with {low[0]}.{low[1]} to {high[0]}.{high[1]}.x")
     return version
 

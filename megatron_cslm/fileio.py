@@ -29,12 +29,35 @@ def _umask() -> int:
     return mask
 
 
+def make_dirs(directory: str | os.PathLike) -> Path:
+    """`mkdir -p directory`, or one located `io` error (exit 5) when a regular file stands where a folder of the
+    path should be, or the folder cannot be created: an output path under a file is a usage mistake, not a bug."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in (directory, *directory.parents) if p.exists() and not p.is_dir()), directory)
+        raise CslmError(directory, None, None, f"cannot be created: {blocker} is a file, not a folder", kind="io",
+                        reason="unwritable") from None
+    except PermissionError as e:
+        raise CslmError(directory, None, None, f"cannot be created: permission denied ({e.filename})", kind="io",
+                        reason="unwritable") from None
+    return directory
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if path.is_dir():
+        raise CslmError(path, None, None, "is a directory: give a file name for the output", kind="io",
+                        reason="unwritable")
+    make_dirs(path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except PermissionError as e:
+        raise CslmError(path, None, None, f"cannot be written: permission denied ({e.filename})", kind="io",
+                        reason="unwritable") from None
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -62,18 +85,6 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     with atomic_open(path) as f:
         json.dump(obj, f, indent=2, ensure_ascii=False)
         f.write("\n")
-
-
-def open_text(path: str | os.PathLike) -> io.TextIOBase:
-    """Open a UTF-8 text file for streaming, transparently gunzipping `.gz`.
-
-    Text-mode decoding reads ahead, so a UnicodeDecodeError from it cannot be placed on a line: readers that
-    report errors use `iter_lines` instead.
-    """
-    path = str(path)
-    if path.endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="strict")
-    return open(path, "r", encoding="utf-8", errors="strict")
 
 
 def _open_bytes(path: str | os.PathLike) -> io.BufferedIOBase:

@@ -21,5 +21,9 @@ if [[ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]]; then
   echo "[venv] installing megatron_cslm and the versions pinned in $(basename "$CONSTRAINTS") into $VENV (first run: ~2-3 min)"
   "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel
   "$VENV/bin/python" -m pip install -q -c "$CONSTRAINTS" --config-settings editable_mode=compat -e "$ROOT[all-cpu]"
+  # CosyVoice's flow/hifigan modules (speech out): without their declared dependencies (see pyproject's synth)
+  if COSYVOICE="$(grep -E '^cosyvoice-minicpmo==' "$CONSTRAINTS")"; then
+    "$VENV/bin/python" -m pip install -q --no-deps "$COSYVOICE"
+  fi
   echo "$WANT" > "$STAMP"
 fi

@@ -1,34 +1,3 @@
-"""Short real-speech clips for the speech-source tests, cut from the two 16 kHz wavs that s3tokenizer ships."""
-from __future__ import annotations
-
-import json
-from pathlib import Path
-
-import numpy as np
-import soundfile as sf
-
-
-def speech(seconds_total: float = 8.0) -> np.ndarray:
-    """Both assets end to end (float32 from PCM_16, so writing it back as PCM_16 is lossless)."""
-    import s3tokenizer
-
-    waves = [sf.read(p, dtype="float32")[0] for p in sorted((Path(s3tokenizer.__file__).parent / "assets")
-                                                          .glob("*.wav"))]
-    return np.concatenate(waves)[: int(seconds_total * 16000)]
-
-
-def clips(n: int, seconds: tuple[float, float] = (0.6, 1.4)) -> list[np.ndarray]:
-    """n clips of varying length (deterministic), each a different stretch of speech."""
-    audio = speech()
-    lengths = np.linspace(*seconds, n)
-    starts = np.linspace(0, audio.size - int(seconds[1] * 16000) - 1, n).astype(int)
-    return [audio[s: s + int(sec * 16000)] for s, sec in zip(starts, lengths)]
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
-
-
-def write_tsv(path: Path, rows: list[tuple[str, ...]]) -> Path:
-    path.write_text("".join("\t".join(map(str, r)) + "\n" for r in rows), encoding="utf-8")
-    return path
+"""Transitional: moved to tests/helpers/speech.py and tests/helpers/files.py; import from there."""
+from tests.helpers.files import read_jsonl, write_tsv  # noqa: F401
+from tests.helpers.speech import clips, speech  # noqa: F401

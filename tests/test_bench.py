@@ -7,9 +7,10 @@ import sys
 
 import pytest
 
-from tests.distributed import ROOT, worker_env
+from tests.helpers.launch import ROOT, worker_env
 
 BENCHES = {
+    "bench/align.py": ["--quick"],
     "bench/flops.py": [],
     "bench/packing.py": ["--quick"],
     "bench/preprocess.py": ["--quick"],

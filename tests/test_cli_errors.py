@@ -8,6 +8,7 @@ the installed entry points end to end.
 """
 from __future__ import annotations
 
+import gzip
 import json
 import pickle
 import subprocess
@@ -19,42 +20,9 @@ import pytest
 from megatron_cslm.cli import run_tool
 from megatron_cslm.errors import EXIT_CODES, CslmError
 from megatron_cslm.fileio import SkipCounter, iter_jsonl
+from tests.helpers.cli import assert_fails, earlier, run, unchanged
 
 ROOT = Path(__file__).resolve().parents[1]
-EARLIER = b"an earlier output that a failed run must leave alone\n"
-
-
-def run(main, argv: list[str], capsys) -> tuple[int, str, str]:
-    """Exit code, stdout and stderr of one in-process tool run (argparse errors exit via SystemExit)."""
-    capsys.readouterr()
-    try:
-        code = run_tool(main, [str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_fails(result, code: int, *fragments: str) -> None:
-    rc, _, err = result
-    assert rc == code, err
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.startswith("error: ") or ": error: " in line]
-    assert len(lines) == 1, err  # one located line (argparse adds its usage above it)
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-
-
-def earlier(*paths: Path) -> dict[Path, bytes]:
-    for p in paths:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(EARLIER + p.name.encode())
-    return {p: p.read_bytes() for p in paths}
-
-
-def unchanged(before: dict[Path, bytes]) -> None:
-    for path, data in before.items():
-        assert path.read_bytes() == data, f"{path} changed after a failed run"
 
 
 def write_lines(path: Path, lines: list) -> Path:
@@ -121,6 +89,15 @@ def test_preprocess_data(tmp_path, capsys, llama3_tokenizer_path):
     bad_file = write_lines(tmp_path / "latin1.jsonl", [good, b'{"text": "caf\xe9"}'])
     assert_fails(run(main, base[:1] + [bad_file] + base[2:], capsys), 1, f"{bad_file}:2: not valid UTF-8")
     assert_fails(run(main, base + ["--workers", "0"], capsys), 2, "--workers", "expected an integer > 0")
+    nothing = tmp_path / "nothing-*.jsonl"  # a glob that matches no file
+    assert_fails(run(main, ["--input", nothing] + base[2:], capsys), 1, f"{nothing}: field '--input' matches no file")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder\n")
+    assert_fails(run(main, base[:-1] + [a_file / "out" / "cpt"], capsys), EXIT_CODES["io"],
+                 f"{a_file} is a file, not a folder")
+    truncated = tmp_path / "truncated.jsonl.gz"
+    truncated.write_bytes(gzip.compress(b'{"text": "hello"}\n' * 200)[:-30])
+    assert_fails(run(main, ["--input", truncated] + base[2:], capsys), 1, f"{truncated}:", "compressed")
     unchanged(before)
     rc, out, err = run(main, base + ["--skip-bad-records"], capsys)
     assert rc == 0, err
@@ -175,6 +152,10 @@ def test_build_sft_data(tmp_path, capsys, llama3_tokenizer_path):
     bad_json = write_lines(tmp_path / "j.jsonl", [record("fine."), b"{oops"])
     assert_fails(run(main, ["--input", bad_json] + base[2:], capsys), 1, f"{bad_json}:2: malformed JSON")
     assert_fails(run(main, base + ["--seq-length", "0"], capsys), 2, "--seq-length", "expected an integer > 0")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder\n")
+    assert_fails(run(main, base[:5] + [a_file / "sft"] + base[6:] + ["--skip-bad-records"], capsys),
+                 EXIT_CODES["io"], f"{a_file} is a file, not a folder")
     unchanged(before)
     rc, _, err = run(main, base + ["--skip-bad-records"], capsys)
     assert rc == 0, err
@@ -192,7 +173,7 @@ def test_tokenize_speech(tmp_path, capsys):
     import numpy as np
     import soundfile as sf
 
-    from tests.distributed import load_tool
+    from tests.helpers.files import load_tool
 
     main = load_tool("tokenize_speech").main
     sf.write(tmp_path / "a.wav", (0.1 * np.sin(np.arange(16000) / 3)).astype("float32"), 16000)
@@ -303,6 +284,10 @@ def test_megatron_to_hf(tiny, tmp_path, capsys):
                  "latest_checkpointed_iteration.txt:1:", "names iteration 7")
     assert_fails(run(main, ["--megatron-dir", tiny["megatron"], "--out", out, "--max-shard-gb", "0"], capsys), 2,
                  "--max-shard-gb", "expected a number > 0")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder\n")
+    assert_fails(run(main, ["--megatron-dir", tiny["megatron"], "--out", a_file / "hf"], capsys), EXIT_CODES["io"],
+                 f"{a_file} is a file, not a folder")
     unchanged(before)
     assert not (out / "config.json").exists()
 
@@ -336,10 +321,16 @@ def test_decode(tiny, tmp_path, capsys):
     latin1.write_bytes(b"<1><2>\n<3>\xe9\n")
     assert_fails(run(main, ["--unit", latin1] + model, capsys), 1, f"{latin1}:2: not valid UTF-8")
     assert_fails(run(main, ["--unit", units, "--batch-size", "0"] + model, capsys), 2, "--batch-size")
+    for not_a_model, what in ((tmp_path, "not an exported model"), (tiny["megatron"], "a Megatron run directory")):
+        assert_fails(run(main, ["--unit", units, "--model-name-or-path", not_a_model] + model[2:], capsys),
+                     EXIT_CODES["checkpoint"], f"{not_a_model}: field '--model-name-or-path' {what}")
     # a 4,096-code speech tokenizer and a 512-unit model: refused before the model is loaded or any audio is
     # read (the manifest's audio is unreadable), naming both counts
     manifest = write_wav_manifest(tmp_path / "bench")
-    assert_fails(run(main, ["--manifest", manifest, "--random-init"] + model, capsys), EXIT_CODES["compat"],
+    v1 = ["--speech-tokenizer", "speech_tokenizer_v1"]  # the model records none (foreign): the flag is required
+    assert_fails(run(main, ["--manifest", manifest, "--random-init"] + model, capsys), EXIT_CODES["usage"],
+                 "records no speech tokenizer", "--speech-tokenizer")
+    assert_fails(run(main, ["--manifest", manifest, "--random-init"] + v1 + model, capsys), EXIT_CODES["compat"],
                  "4096 codes", "512 units", "field '--model-name-or-path'")
     unchanged(before)
 
@@ -350,7 +341,8 @@ def test_eval_s2s(tiny, tmp_path, capsys):
     manifest = write_wav_manifest(tmp_path / "bench")
     out = tmp_path / "eval"
     before = earlier(out / "report.json")
-    base = ["--model", tiny["speech_lm"], "--lang", "en", "--output-dir", out, "--random-init"]
+    base = ["--model", tiny["speech_lm"], "--lang", "en", "--output-dir", out, "--random-init",
+            "--speech-tokenizer", "speech_tokenizer_v1"]
     dup = write_manifest(tmp_path / "bench" / "dup.tsv", ["id\ttext", "q1\thello", "q1\tagain"])
     assert_fails(run(main, ["--manifest", dup] + base, capsys), 1, f"{dup}:3: field 'id' duplicate id 'q1'")
     no_id = write_manifest(tmp_path / "bench" / "noid.tsv", ["name\ttext", "q1\thello"])
@@ -359,6 +351,42 @@ def test_eval_s2s(tiny, tmp_path, capsys):
     assert_fails(run(main, ["--manifest", manifest] + base, capsys), EXIT_CODES["compat"], "4096 codes",
                  "512 units", "field '--model'")  # before any audio is read: q1.wav is not audio
     unchanged(before)
+
+
+def test_export_of_a_25hz_model_says_so_and_decode_refuses_v1_before_any_audio(tiny, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """A model converted for speech_tokenizer_v1_25hz units: cslm_model.json, the export's config.json /
+    generation_config.json and model card say 25 units/s; decode with --speech-tokenizer speech_tokenizer_v1
+    stops naming both, before the S3 net is built or any audio read (the manifest's wav is not audio)."""
+    from megatron_cslm.checkpoint.manifest import ModelManifest
+    from megatron_cslm.cli.decode import main
+    from megatron_cslm.cli.hf_to_megatron import main as convert_main
+    from megatron_cslm.convert import convert_megatron_to_hf
+    from megatron_cslm.speech import extract
+    from megatron_cslm.speech.identity import IDENTITY_KEY, s3_identity
+
+    identity = s3_identity("speech_tokenizer_v1_25hz")  # random-init:seed=0, as --random-init below
+    run_dir, export = tmp_path / "run", tmp_path / "export"
+    assert run(convert_main, ["--hf-dir", tiny["hf"], "--out", run_dir, "--expand-vocab", "--speech-tokenizer",
+                              "speech_tokenizer_v1_25hz", "--speech-tokenizer-weights", identity.weights],
+               capsys)[0] == 0
+    manifest = ModelManifest.load(run_dir)
+    assert manifest.speech_tokenizer == identity and manifest.arch.vocab_size == 300 + 4096 + 4
+    convert_megatron_to_hf(run_dir, export, dtype="fp32", progress=False)
+    for name in ("config.json", "generation_config.json"):
+        assert json.loads((export / name).read_text())[IDENTITY_KEY] == identity.to_dict(), name
+    card = (export / "README.md").read_text(encoding="utf-8")
+    assert "`speech_tokenizer_v1_25hz`, 25 units/s" in card and "50 units/s" not in card
+
+    built = []
+    monkeypatch.setattr(extract, "_build_net", lambda model: built.append(model))  # records a build, if any
+    manifest, out = write_wav_manifest(tmp_path / "bench"), tmp_path / "out"
+    argv = ["--manifest", manifest, "--random-init", "--model-name-or-path", export, "--lang", "en",
+            "--output-dir", out]
+    for other in ("speech_tokenizer_v1", "speech_tokenizer_v2_25hz"):
+        assert_fails(run(main, argv + ["--speech-tokenizer", other], capsys), EXIT_CODES["compat"],
+                     "speech_tokenizer_v1_25hz (25 units/s", f"--speech-tokenizer is {other}")
+    assert not built and not out.exists()
 
 
 @pytest.mark.parametrize("tool,flag", [("decode", "--model-name-or-path"), ("eval-s2s", "--model")])
@@ -371,7 +399,7 @@ def test_speech_tokenizer_mismatch_fails_before_the_heavy_work(tiny, tmp_path, t
              "heavy = sorted(m for m in ('megatron.core', 'transformers', 'torch._inductor') if m in sys.modules)\n"
              "print('HEAVY', heavy, file=sys.stderr)\nraise SystemExit(rc)")
     argv = [tool, "--manifest", str(manifest), "--random-init", flag, str(tiny["speech_lm"]), "--lang", "en",
-            "--output-dir", str(tmp_path / "out")]
+            "--output-dir", str(tmp_path / "out"), "--speech-tokenizer", "speech_tokenizer_v1"]
     p = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=300)
     assert p.returncode == EXIT_CODES["compat"], p.stderr
     assert "4096 codes" in p.stderr and "512 units" in p.stderr and "Traceback" not in p.stderr, p.stderr

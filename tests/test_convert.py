@@ -17,54 +17,12 @@ import pytest
 import torch
 
 from megatron_cslm.errors import CslmError
+from tests.helpers.hf import load_hf_tensors, make_hf_llama, rewrite_tensor
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
 NOTICES = {"LICENSE": "LLAMA 3.1 COMMUNITY LICENSE AGREEMENT (test copy)\n",
            "USE_POLICY.md": "# Llama 3.1 Acceptable Use Policy (test copy)\n"}
-TINY = dict(vocab_size=128256, hidden_size=64, intermediate_size=176, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=2048, rope_theta=500000.0, rms_norm_eps=1e-5,
-            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                          "original_max_position_embeddings": 256},
-            bos_token_id=128000, eos_token_id=128001)
-
-
-def make_hf_llama(out: Path, tokenizer_json: Path, seed: int = 0, **overrides) -> Path:
-    """Random-weight HF Llama directory, sharded (with an index) like Meta's, norms randomised too."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**{**TINY, "tie_word_embeddings": False, **overrides}))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(1.0, 0.1) if "norm" in name else p.normal_(0.0, 0.05)
-    model.save_pretrained(out, max_shard_size="20MB")
-    shutil.copyfile(tokenizer_json, out / "tokenizer.json")
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>",
-        "clean_up_tokenization_spaces": False}))
-    return out
-
-
-def load_hf_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    out = {}
-    for shard in sorted(directory.glob("*.safetensors")):
-        out.update(load_file(shard))
-    return out
-
-
-def rewrite_tensor(directory: Path, name: str, fn) -> None:
-    """Replace one tensor of a sharded HF checkpoint in place (to build bad or tampered inputs)."""
-    from safetensors.torch import load_file, save_file
-
-    shard = directory / json.loads((directory / "model.safetensors.index.json").read_text())["weight_map"][name]
-    tensors = load_file(shard)
-    tensors[name] = fn(tensors[name])
-    save_file(tensors, shard, metadata={"format": "pt"})
-
-
 # ----------------------------------------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="module")
@@ -76,7 +34,7 @@ def hf_tiny(tmp_path_factory, llama3_tokenizer_path) -> Path:
 def work(tmp_path_factory, hf_tiny) -> Path:
     """Converted checkpoints + exports, and the results of the one 4-process megatron-core launch."""
     from megatron_cslm.convert import convert_hf_to_megatron, convert_megatron_to_hf
-    from tests.distributed import torchrun
+    from tests.helpers.launch import torchrun
 
     work = tmp_path_factory.mktemp("convert")
     hf = Path(shutil.copytree(hf_tiny, work / "hf"))
@@ -160,6 +118,30 @@ def test_tied_embeddings_round_trip(tmp_path, llama3_tokenizer_path):
     assert exported.keys() == original.keys()
     assert all(torch.equal(t, exported[name]) for name, t in original.items())
     assert json.loads((tmp_path / "back" / "config.json").read_text())["tie_word_embeddings"] is True
+
+
+def test_dist_reader_reads_stored_bytes_directly(tmp_path):
+    """Regions that cut across TP-split chunks come back exact from the direct `pread` path (DCP is not used:
+    every record was located), and a truncated data file still fails through DCP with the checkpoint named."""
+    from megatron_cslm.convert.dist_ckpt import DATA_FILE, DistCheckpointReader, DistCheckpointWriter
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 6, 5, generator=g).to(torch.bfloat16), torch.randn(3, 8, 4, generator=g)
+    with DistCheckpointWriter(tmp_path / "c") as writer:
+        for i in range(4):  # stacked layers: one chunk per layer
+            writer.add_tensor("a", a[i:i + 1], a.shape, (i, 0, 0))
+        writer.add_tensor("b", b[:, :4], b.shape, (0, 0, 0))  # TP-split rows
+        writer.add_tensor("b", b[:, 4:], b.shape, (0, 4, 0))
+        writer.finish({})
+    reader = DistCheckpointReader(tmp_path / "c")
+    got = reader.read({"a": ((1, 2, 1), (2, 3, 3)), "b": ((1, 2, 0), (2, 5, 4))})
+    assert torch.equal(got["a"], a[1:3, 2:5, 1:4]) and torch.equal(got["b"], b[1:3, 2:7])
+    assert torch.equal(reader.read_layer(["a"], 3)["a"], a[3])
+    assert len(reader._raw_offsets) == 5 and None not in reader._raw_offsets.values()  # a: layers 1-3; b: both
+    data = tmp_path / "c" / DATA_FILE
+    data.write_bytes(data.read_bytes()[:-200])
+    with pytest.raises(CslmError, match="unreadable tensor data"):
+        DistCheckpointReader(tmp_path / "c").read({"b": ((0, 0, 0), (3, 8, 4))})
 
 
 @pytest.mark.timeout(600)
@@ -376,8 +358,8 @@ def _worker(work: Path) -> None:
     from megatron_cslm.checkpoint.save_load import load_checkpoint, save_checkpoint
     from megatron_cslm.convert.verify import verify
     from megatron_cslm.distributed import parallel
+    from megatron_cslm.models.chunks import build_model_chunks
     from megatron_cslm.models.llama import PrecisionConfig, transformer_config
-    from megatron_cslm.training.setup import build_model
 
     manifest = ModelManifest.load(work / "plain")
     results = {}
@@ -387,7 +369,7 @@ def _worker(work: Path) -> None:
         parallel.initialize(parallel.ParallelConfig(tp, pp), device="cpu")
         config = transformer_config(manifest.arch, tensor_parallel_size=tp, pipeline_parallel_size=pp,
                                     precision=PrecisionConfig(dtype="fp32"))
-        model = build_model(manifest.arch, config, manifest.padded_vocab_size, ddp=False)
+        model = build_model_chunks(manifest.arch, config, manifest.padded_vocab_size)
         load_checkpoint(work / "plain", 0, model, None, None, restore_rng=False)
         run = work / f"resaved_tp{tp}_pp{pp}"
         save_checkpoint(run, 0, model, None, None, {"iteration": 0})

@@ -30,7 +30,8 @@ from megatron_cslm.fileio import DataError
 from megatron_cslm.inference import SamplingConfig, SpeechLM
 from megatron_cslm.inference.sampling import ModalityConstraint
 from megatron_cslm.inference.vocab import Vocab
-from tests.distributed import BELLE_DIR, load_tool
+from tests.helpers.belle import BELLE_DIR
+from tests.helpers.files import load_tool
 
 QUESTIONS = {"0": "中国有多少个省？", "3": "人类存在的意义是什么？", "4": "为什么太阳会发光？"}
 ANSWERS = {  # answer chunks by question id and answer language
@@ -374,7 +375,8 @@ def test_decode_tool_benchmark_audio(models, tmp_path):
     out = tmp_path / "out"
     audio_dir = models["audio_dir"]
     load_tool("decode").main(["--lang", "zh", "--manifest", str(manifest), "--audio-dir", str(audio_dir),
-                              "--random-init", "--model-name-or-path", str(models["interleaved"]),
+                              "--random-init", "--speech-tokenizer", "speech_tokenizer_v1_25hz",  # as trained
+                              "--model-name-or-path", str(models["interleaved"]),
                               "--output-dir", str(out), "--max-new-tokens", "80", "--batch-size", "3"])
     responses = json.loads((out / "responses.json").read_text(encoding="utf-8"))
     assert [r["question"] for r in responses] == [str(audio_dir / f"{k}.wav") for k in QUESTIONS]

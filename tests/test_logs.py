@@ -11,7 +11,7 @@ import pytest
 from megatron_cslm.distributed import quiet
 from megatron_cslm.distributed.quiet import is_gloo_connection_line
 from megatron_cslm.logs import configure_logging
-from tests.distributed import NOISE, ROOT, worker_env
+from tests.helpers.launch import NOISE, ROOT, worker_env
 
 # The package's real start-up on CPU: megatron-core's optimizer import, parallel state on gloo, our own log.
 PROCESS = """

@@ -1,8 +1,9 @@
 """setup.py is the thin setuptools shim over pyproject.toml: tooling that calls it sees the same metadata."""
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 

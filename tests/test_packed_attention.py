@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from megatron_cslm.models.attention import bin_packed_seq_params
-from tests.distributed import ROOT, torchrun, worker_env
+from tests.helpers.launch import ROOT, torchrun, worker_env
 
 WORKER = ROOT / "tests" / "workers" / "packed_attention.py"
 

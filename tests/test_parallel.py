@@ -5,7 +5,7 @@ import pytest
 
 from megatron_cslm.distributed.parallel import ParallelConfig
 from megatron_cslm.models.llama import ARCHS, PrecisionConfig, RecomputeConfig, check_parallel_fit, transformer_config
-from tests.distributed import torchrun
+from tests.helpers.launch import torchrun
 
 
 @pytest.mark.timeout(900)

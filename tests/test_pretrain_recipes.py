@@ -24,7 +24,7 @@ from megatron_cslm.data.documents import (
 from megatron_cslm.data.documents.interleave import interleave_chunks
 from megatron_cslm.fileio import DataError, iter_jsonl
 from megatron_cslm.toy.corpus import make_toy_corpus
-from tests.distributed import load_tool
+from tests.helpers.files import load_tool
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from tests.distributed import ROOT, signal_workers, torchrun, torchrun_command, worker_env
-from tests.test_pretrain import _args, _scalars
+from bench._common import evict
+from tests.helpers.launch import ROOT, signal_workers, torchrun, torchrun_command, worker_env
+from tests.helpers.training import pretrain_args, scalars
 
 # ---------------------------------------------------------------- start-up independent of data size
 
@@ -38,12 +39,6 @@ def _resident_fraction(path: Path) -> float:
     return sum(b & 1 for b in vec) / pages
 
 
-def _evict(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-
-
 def _zeros_dataset(prefix: Path, documents: int, tokens_per_document: int) -> None:
     """A big dataset of token 0 (a valid id everywhere), written through megatron-core's builder."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
@@ -56,7 +51,7 @@ def _zeros_dataset(prefix: Path, documents: int, tokens_per_document: int) -> No
 
 
 @pytest.mark.timeout(400)
-def test_start_up_does_not_read_the_bin(toy_pretrain, tmp_path):
+def test_start_up_does_not_read_the_bin(toy_pretrain, tmp_path, monkeypatch):
     """16 MiB of tokens evicted from the page cache: the whole start-up (data checks, megatron-core's index
     caches, model, optimizer) reads none of it; the first training step does read it (so the probe works)."""
     from megatron_cslm.data.metadata import write_dataset_metadata
@@ -66,29 +61,33 @@ def test_start_up_does_not_read_the_bin(toy_pretrain, tmp_path):
     _zeros_dataset(prefix, documents=1024, tokens_per_document=8192)
     write_dataset_metadata(prefix, SpeechTextTokenizer.from_pretrained(toy_pretrain["tokenizer"]), max_token_id=0)
     bin_path = Path(str(prefix) + ".bin")
-    _evict(bin_path)
+    evict(bin_path)
     if _resident_fraction(bin_path) > 0.01:
         pytest.skip("this filesystem keeps evicted pages (tmpfs?): page-cache residency cannot count reads")
 
-    start_up_only = tmp_path / "start_up.py"  # the trainer up to its first step, then exit
-    start_up_only.write_text(
-        "import sys\nfrom megatron_cslm.distributed import parallel\n"
-        "from megatron_cslm.pretrain import make_task, parser\n"
-        "from megatron_cslm.training.arguments import parse_args\n"
-        "from megatron_cslm.training.trainer import Trainer\n"
-        "trainer = Trainer(parse_args(parser(), sys.argv[1:]), make_task)\n"
-        "trainer.setup()\ntrainer.resume_or_init()\nparallel.destroy()\n")
+    # the trainer up to its first step, in this process (one rank: reads are per file, not per process)
+    from megatron_cslm.distributed import parallel
+    from megatron_cslm.distributed.ports import free_port
+    from megatron_cslm.training.arguments import parse_args
+    from megatron_cslm.training.pretrain import make_task, parser
+    from megatron_cslm.training.trainer import Trainer
 
-    def run(script):
-        torchrun(script, 1, "--device", "cpu", "--model-arch", "tiny", "--tokenizer-model", toy_pretrain["tokenizer"],
-                 "--data-path", prefix, "--seq-length", "128", "--micro-batch-size", "2", "--global-batch-size", "4",
-                 "--train-iters", "1", "--eval-interval", "0", "--log-interval", "1",
-                 "--data-cache-path", tmp_path / "cache")
-        return _resident_fraction(bin_path)
-
-    assert run(start_up_only) < 0.001, "start-up read the .bin"
-    assert list((tmp_path / "cache").rglob("*.npy")), "megatron-core's index cache was not written"
-    assert run("-m megatron_cslm.pretrain") > 0  # one step reads its samples (the probe sees reads)
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    args = parse_args(parser(), ["--device", "cpu", "--model-arch", "tiny", "--tokenizer-model",
+                                 str(toy_pretrain["tokenizer"]), "--data-path", str(prefix), "--seq-length", "128",
+                                 "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "1",
+                                 "--eval-interval", "0", "--data-cache-path", str(tmp_path / "cache")])
+    trainer = Trainer(args, make_task)
+    try:
+        trainer.setup()
+        trainer.resume_or_init()
+        assert _resident_fraction(bin_path) < 0.001, "start-up read the .bin"
+        assert list((tmp_path / "cache").rglob("*.npy")), "megatron-core's index cache was not written"
+        trainer.task.train[0]  # the first sample reads its tokens (so the probe sees reads)
+        assert _resident_fraction(bin_path) > 0
+    finally:
+        trainer.close(abort=True)
+        parallel.destroy()
 
 
 def test_dataset_of_another_tokenizer_is_refused_by_identity(toy_pretrain, tmp_path):
@@ -96,7 +95,7 @@ def test_dataset_of_another_tokenizer_is_refused_by_identity(toy_pretrain, tmp_p
     from megatron_cslm.text.tokenizer import SpeechTextTokenizer
     from megatron_cslm.toy.tokenizer import toy_texts, train_toy_text_tokenizer
     from megatron_cslm.training.data import check_indexed_dataset
-    from tests.toy_pipeline import TOY_UNITS
+    from tests.helpers.toy import TOY_UNITS
 
     prefix = toy_pretrain["prefixes"]["asr"]
     ours = SpeechTextTokenizer.from_pretrained(toy_pretrain["tokenizer"])
@@ -153,7 +152,7 @@ def test_bin_shorter_than_its_idx_is_refused_naming_the_prefix(toy_pretrain, tmp
 # ---------------------------------------------------------------- asynchronous checkpoints
 
 def _tp2(data, out: Path, *extra) -> list[str]:
-    return _args(data, out, "--tensor-model-parallel-size", "2", "--train-iters", "20", *extra)
+    return pretrain_args(data, out, "--tensor-model-parallel-size", "2", "--train-iters", "20", *extra)
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +162,7 @@ def async_uninterrupted(toy_pretrain, tmp_path_factory):
                                                      "--save-interval", "5", "--async-save"))
     assert (out / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "20"
     assert not list((out / "ckpt").glob("*.tmp")), "an async save was never published"
-    return _scalars(out / "tb")["train/loss/lm loss"]
+    return scalars(out / "tb")["train/loss/lm loss"]
 
 
 @pytest.mark.timeout(900)
@@ -202,7 +201,7 @@ def test_sigkill_during_async_save_resumes_bitwise_from_the_previous_checkpoint(
 
     torchrun("-m megatron_cslm.pretrain", 2, *_tp2(toy_pretrain, tmp_path / "b2", "--seed", "7", "--save", ckpt,
                                                      "--save-interval", "5", "--async-save"))
-    resumed = _scalars(tmp_path / "b2" / "tb")["train/loss/lm loss"]
+    resumed = scalars(tmp_path / "b2" / "tb")["train/loss/lm loss"]
     assert sorted(resumed) == list(range(previous + 1, 21))
     assert [resumed[s] for s in range(previous + 1, 21)] == \
         [async_uninterrupted[s] for s in range(previous + 1, 21)]  # bitwise on CPU
@@ -217,14 +216,14 @@ def test_checkpoints_saved_with_a_cached_plan_resume_bitwise(toy_pretrain, tmp_p
     ckpt = tmp_path / "ckpt"
     flags = ("--seed", "7", "--train-iters", "6", "--save", ckpt, "--save-interval", "1",
              "--ckpt-assume-constant-structure", "--dist-ckpt-workers", "2")
-    torchrun("-m megatron_cslm.pretrain", 2, *_args(toy_pretrain, tmp_path / "a", *flags, "--async-save"))
-    uninterrupted = _scalars(tmp_path / "a" / "tb")["train/loss/lm loss"]
+    torchrun("-m megatron_cslm.pretrain", 2, *pretrain_args(toy_pretrain, tmp_path / "a", *flags, "--async-save"))
+    uninterrupted = scalars(tmp_path / "a" / "tb")["train/loss/lm loss"]
     assert sorted(uninterrupted) == list(range(1, 7))
     for it in (5, 6):  # back to the 4th save, as if the job had died after it
         shutil.rmtree(ckpt / f"iter_{it:07d}")
     (ckpt / "latest_checkpointed_iteration.txt").write_text("4\n")
-    torchrun("-m megatron_cslm.pretrain", 2, *_args(toy_pretrain, tmp_path / "b", *flags))
-    resumed = _scalars(tmp_path / "b" / "tb")["train/loss/lm loss"]
+    torchrun("-m megatron_cslm.pretrain", 2, *pretrain_args(toy_pretrain, tmp_path / "b", *flags))
+    resumed = scalars(tmp_path / "b" / "tb")["train/loss/lm loss"]
     assert sorted(resumed) == [5, 6]
     assert [resumed[s] for s in (5, 6)] == [uninterrupted[s] for s in (5, 6)]  # bitwise on CPU
 
@@ -234,15 +233,15 @@ def test_checkpoints_saved_with_a_cached_plan_resume_bitwise(toy_pretrain, tmp_p
 @pytest.mark.timeout(600)
 def test_overlap_gives_identical_losses_and_profile_traces_exactly_the_asked_steps(toy_pretrain, tmp_path):
     common = ["--train-iters", "6", "--ddp-bucket-size", "20000"]  # several buckets for the tiny model
-    torchrun("-m megatron_cslm.pretrain", 2, *_args(toy_pretrain, tmp_path / "plain", *common))
-    p = torchrun("-m megatron_cslm.pretrain", 2, *_args(toy_pretrain, tmp_path / "overlap", *common,
+    torchrun("-m megatron_cslm.pretrain", 2, *pretrain_args(toy_pretrain, tmp_path / "plain", *common))
+    p = torchrun("-m megatron_cslm.pretrain", 2, *pretrain_args(toy_pretrain, tmp_path / "overlap", *common,
                                                           "--overlap-grad-reduce", "--overlap-param-gather",
                                                           "--profile", "--profile-step-start", "3",
                                                           "--profile-step-end", "4", "--profile-ranks", "1",
                                                           "--profile-dir", tmp_path / "traces",
                                                           "--manual-gc", "--manual-gc-interval", "2"))
-    plain = _scalars(tmp_path / "plain" / "tb")["train/loss/lm loss"]
-    overlap = _scalars(tmp_path / "overlap" / "tb")["train/loss/lm loss"]
+    plain = scalars(tmp_path / "plain" / "tb")["train/loss/lm loss"]
+    overlap = scalars(tmp_path / "overlap" / "tb")["train/loss/lm loss"]
     assert sorted(plain) == list(range(1, 7))
     assert [overlap[s] for s in plain] == [plain[s] for s in plain]  # DP=2, distributed optimizer
 
@@ -256,5 +255,5 @@ def test_overlap_gives_identical_losses_and_profile_traces_exactly_the_asked_ste
     for phase in ("data", "forward-backward", "optimizer", "checkpoint"):
         assert f"{phase} " in line.split("ms/step")[1], line
     assert "peak RSS" in line
-    tb = _scalars(tmp_path / "overlap" / "tb")
+    tb = scalars(tmp_path / "overlap" / "tb")
     assert tb["train/memory/peak_rss_gib"][6] > 0.1 and "train/time/forward-backward_s" in tb

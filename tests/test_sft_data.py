@@ -16,7 +16,7 @@ from megatron_cslm.data.packing import MODALITIES, whole_sample_seq_length
 from megatron_cslm.data.sft import INSTRUCTIONS, SFTConfig, SFTEncoder, build_sft_data, parse_record
 from megatron_cslm.errors import CslmError
 from megatron_cslm.fileio import DataError
-from tests.distributed import load_tool
+from tests.helpers.files import load_tool
 
 TQ, TA, SA = MODALITIES["tq"], MODALITIES["ta"], MODALITIES["sa"]
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.distributed import ROOT, signal_workers, torchrun, torchrun_command, worker_env
-from tests.speech_fixtures import clips, read_jsonl, write_tsv
-from tests.test_speech_units import load_tool
+from tests.helpers.files import load_tool, read_jsonl, write_tsv
+from tests.helpers.launch import ROOT, signal_workers, torchrun, torchrun_command, worker_env
+from tests.helpers.speech import clips
 
 TOOL = ROOT / "tools" / "tokenize_speech.py"
 NUM_CLIPS = 16

@@ -2,8 +2,10 @@
 
 LibriSpeech prepared by Lhotse's own recipe, segments of a long recording (a Lhotse CutSet with offsets, and the
 same cuts as Lhotse Shar), Hugging Face parquet / save_to_disk datasets with an Audio column; and bad items in
-those formats are rejected with the item id and a reason while read = written + rejected. Random-init S3 model
-(real architecture), clips of about a second.
+those formats are rejected with the item id and a reason while read = written + rejected. Corpora as
+WenetSpeech/GigaSpeech users hold them (segments a few ms past their recording, supervisions without a
+recording, undecodable files) are clipped or rejected alike on every Lhotse route, and whole-input mistakes stop
+with one line before anything is written. Random-init S3 model (real architecture), clips of about a second.
 """
 from __future__ import annotations
 
@@ -14,7 +16,10 @@ from megatron_cslm.fileio import DataError
 from megatron_cslm.speech.extract import UnitExtractor
 from megatron_cslm.speech.sharded import tokenize_speech
 from megatron_cslm.speech.sources import HFAudioSource, LhotseSource, SpeechManifestSource
-from tests.speech_fixtures import clips, read_jsonl, speech, write_tsv
+from tests.helpers.cli import assert_fails, earlier, unchanged
+from tests.helpers.cli import run as run_cli
+from tests.helpers.files import read_jsonl, write_tsv
+from tests.helpers.speech import clips, speech
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +174,123 @@ def test_bad_items_rejected_with_id_and_reason(extractor, tmp_path):
     with pytest.raises(DataError, match=r"saved: field 'speech' no audio column 'speech'; the dataset has "
                                         r"\['key', 'audio', 'sentence', 'locale'\]"):
         HFAudioSource(tmp_path / "saved", audio_column="speech", id_column="key")
+
+
+# ------------------------------------------- corpora as WenetSpeech/GigaSpeech users hold them (issue 23, part 6)
+
+
+def segment_corpus(tmp_path) -> tuple[list, list]:
+    """Recordings r1 (1.0 s), r2 (0.5 s) and r3 (a FLAC cut off after its header), and supervisions as large
+    corpora have them: one inside r1, one ending 20 ms past r1's end, one 0.3 s past r2's end, one whose
+    recording is not in the manifest, one on the cut-off file. Written as Lhotse recordings + supervisions."""
+    from lhotse import Recording, RecordingSet, SupervisionSegment, SupervisionSet
+
+    audio = speech(1.5)
+    for k, wave in ((1, audio[:16000]), (2, audio[16000:24000]), (3, audio[:16000])):
+        sf.write(tmp_path / f"r{k}.flac", wave, 16000)
+    recs = [Recording.from_file(tmp_path / f"r{k}.flac", recording_id=f"r{k}") for k in (1, 2, 3)]
+    data = (tmp_path / "r3.flac").read_bytes()
+    (tmp_path / "r3.flac").write_bytes(data[: len(data) // 3])  # a cut-off download: the header still reads
+    sups = [SupervisionSegment("ok", "r1", start=0.0, duration=0.6, text="inside"),
+            SupervisionSegment("clip", "r1", start=0.5, duration=0.52, text="20 ms past the end"),
+            SupervisionSegment("far", "r2", start=0.2, duration=0.6, text="0.3 s past the end"),
+            SupervisionSegment("norec", "r9", start=0.0, duration=0.5, text="no such recording"),
+            SupervisionSegment("broken", "r3", start=0.1, duration=0.8, text="cut-off file")]
+    RecordingSet.from_recordings(recs).to_file(tmp_path / "recordings.jsonl.gz")
+    SupervisionSet.from_segments(sups).to_file(tmp_path / "supervisions.jsonl.gz")
+    return recs, sups
+
+
+@pytest.mark.timeout(180)
+def test_corpus_faults_are_rejects_or_clips_and_every_supervision_counts(extractor, tmp_path, caplog):
+    """A segment a few ms past its recording is clipped and counted; one far past it, one without a recording and
+    one on an undecodable file are rejects with a reason and one short line; read = written + rejected over every
+    supervision given; a one-process run logs no second copy of the totals that the tool prints."""
+    import logging
+
+    from megatron_cslm.speech.audio import CAUSE_CHARS
+
+    segment_corpus(tmp_path)
+    out = tmp_path / "units.jsonl"
+    source = LhotseSource(recordings=tmp_path / "recordings.jsonl.gz", supervisions=tmp_path / "supervisions.jsonl.gz")
+    with caplog.at_level(logging.INFO, logger="megatron_cslm"):
+        stats, _ = run(source, out, extractor)
+    assert not [r.getMessage() for r in caplog.records if "read=" in r.getMessage()]
+    assert (stats["read"], stats["written"], stats["skipped"], stats["clipped_to_end"]) == (
+        5, 2, {"past_end": 1, "missing_recording": 1, "unreadable": 1}, 1)
+    records = {r["id"]: r for r in read_jsonl(out)}
+    assert list(records) == ["ok", "clip"] and "clipped_to_end_s" not in records["ok"]
+    assert (records["clip"]["clipped_to_end_s"], records["clip"]["duration_s"]) == (0.02, 0.5)
+    rejects = [line.split("\t") for line in (tmp_path / "units.jsonl.rejects.tsv").read_text().splitlines()[1:]]
+    assert [(r[0], r[2]) for r in rejects] == [("far", "past_end"), ("norec", "missing_recording"),
+                                               ("broken", "unreadable")]
+    assert "'r9' is not in" in rejects[1][3]
+    broken = rejects[2][3]  # Lhotse's message is ~1.2 kB over 6 lines (every backend tried, every call)
+    assert broken.startswith(f"{tmp_path / 'r3.flac'}: AudioLoadingError: ") and "LibsndfileError" in broken
+    assert len(broken) <= len(str(tmp_path / "r3.flac")) + 2 + CAUSE_CHARS, broken
+
+
+def outcomes(source) -> dict[str, tuple]:
+    """id -> (seconds to tokenize, seconds clipped) or (reject reason,), from reading the manifests only."""
+    from megatron_cslm.speech.audio import AudioRejected
+
+    return {item.id: (item.ref.reason,) if isinstance(item.ref, AudioRejected) else
+            (round(item.ref.duration, 3), item.extra.get("clipped_to_end_s")) for item in source}
+
+
+def test_past_end_tolerance_is_the_same_on_every_lhotse_route(tmp_path):
+    """Recordings + supervisions, a CutSet trimmed to its supervisions, the same as Shar, and one cut per segment
+    clip and reject the same segments; the tolerance (--past-end-tolerance) moves the line."""
+    from lhotse import CutSet, MonoCut
+
+    recs, sups = segment_corpus(tmp_path)
+    whole = CutSet.from_cuts([MonoCut(r.id, 0, r.duration, 0, recording=r,
+                                      supervisions=[s for s in sups if s.recording_id == r.id]) for r in recs[:2]])
+    whole.to_file(tmp_path / "whole.jsonl.gz")
+    (tmp_path / "shar").mkdir()
+    whole.to_shar(tmp_path / "shar", fields={"recording": "flac"}, shard_size=1)
+    by_id = {r.id: r for r in recs}
+    CutSet.from_cuts([MonoCut(s.id, s.start, s.duration, 0, recording=by_id[s.recording_id]) for s in sups[:3]]
+                     ).to_file(tmp_path / "segments.jsonl.gz")
+    expected = {"ok": (0.6, None), "clip": (0.5, 0.02), "far": ("past_end",)}
+    pair = outcomes(LhotseSource(recordings=tmp_path / "recordings.jsonl.gz",
+                                 supervisions=tmp_path / "supervisions.jsonl.gz"))
+    assert pair == {**expected, "norec": ("missing_recording",), "broken": (0.8, None)}
+    assert outcomes(LhotseSource(cuts=tmp_path / "whole.jsonl.gz", trim_to_supervisions=True)) == expected
+    assert outcomes(LhotseSource(shar_dir=tmp_path / "shar", trim_to_supervisions=True)) == expected
+    assert outcomes(LhotseSource(cuts=tmp_path / "segments.jsonl.gz")) == expected
+    assert outcomes(LhotseSource(cuts=tmp_path / "segments.jsonl.gz", past_end_tolerance=0)) == {
+        **expected, "clip": ("past_end",)}
+    assert outcomes(LhotseSource(cuts=tmp_path / "segments.jsonl.gz", past_end_tolerance=0.5))["far"] == (0.3, 0.3)
+
+
+def test_whole_input_mistakes_stop_with_one_line_and_write_nothing(tmp_path, capsys):
+    """Each mistake in the input as a whole: its exit code (io 5, data 1, usage 2), one line, no traceback, the
+    earlier output byte-identical and no part files: nothing was tokenized."""
+    import gzip
+
+    from megatron_cslm.cli.tokenize_speech import main
+
+    segment_corpus(tmp_path)
+    recordings, supervisions = tmp_path / "recordings.jsonl.gz", tmp_path / "supervisions.jsonl.gz"
+    truncated = tmp_path / "truncated.jsonl.gz"
+    truncated.write_bytes(gzip.compress(gzip.decompress(supervisions.read_bytes()) * 20)[:-40])
+    (tmp_path / "empty_shar").mkdir()
+    out = tmp_path / "out" / "units.jsonl"
+    before = earlier(out)
+    base = ["--output", out, "--random-init", "--device", "cpu", "--workers", "0", "--no-progress"]
+    for args, code, fragment in [
+        (["--manifest", tmp_path / "missing.tsv"], 5, "missing.tsv: field '--manifest' does not exist"),
+        (["--lhotse-cuts", tmp_path / "missing.jsonl.gz"], 5, "field '--lhotse-cuts' does not exist"),
+        (["--hf-dataset", tmp_path / "missing_dataset"], 5, "field '--hf-dataset' does not exist"),
+        (["--lhotse-cuts", truncated], 1, "truncated.jsonl.gz: field '--lhotse-cuts' is truncated or corrupt"),
+        (["--lhotse-recordings", recordings, "--lhotse-supervisions", truncated], 1,
+         "field '--lhotse-supervisions' is truncated or corrupt (EOFError: "),
+        (["--lhotse-shar", tmp_path / "empty_shar"], 1, "empty_shar: field '--lhotse-shar' is not a Lhotse Shar"),
+        (["--lhotse-recordings", supervisions, "--lhotse-supervisions", recordings], 2,
+         "swap --lhotse-recordings and --lhotse-supervisions"),
+        (["--lhotse-cuts", supervisions], 2, "holds a SupervisionSet, not a CutSet"),
+    ]:
+        assert_fails(run_cli(main, args + base, capsys), code, fragment)
+        unchanged(before)
+        assert not (tmp_path / "out" / "units.jsonl.parts").exists(), args

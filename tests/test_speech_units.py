@@ -5,7 +5,7 @@ count, batching and bookkeeping are exactly those of the released tokenizer.
 """
 from __future__ import annotations
 
-import importlib.util
+import copy
 import json
 import math
 from pathlib import Path
@@ -15,7 +15,6 @@ import pytest
 import soundfile as sf
 import torch
 
-from megatron_cslm.data.chunking import unit_runs
 from megatron_cslm.fileio import DataError
 from megatron_cslm.speech import (
     REJECT_REASONS,
@@ -26,18 +25,11 @@ from megatron_cslm.speech import (
     read_audio,
     to_16k,
 )
+from megatron_cslm.speech.runs import unit_runs
 from megatron_cslm.speech.sharded import tokenize_speech
 from megatron_cslm.speech.sources import SpeechManifestSource, read_speech_manifest
-from tests.distributed import BELLE_DIR as BELLE
-
-
-def load_tool(name: str):
-    """tools/ holds scripts, not a package: load one as a module to call its main(argv) in-process."""
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+from tests.helpers.belle import BELLE_DIR as BELLE
+from tests.helpers.files import load_tool
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +154,7 @@ def test_dedup_25hz_and_long_audio_windows(assets, extractor):
 
     # Long audio: 2 s windows with 0.4 s overlap stand in for 30 s / 4 s so the test stays fast.
     long = torch.cat(waves)
-    windowed = UnitExtractor(random_init=True, window_frames=200, overlap_frames=40)
+    windowed = UnitExtractor("speech_tokenizer_v1", random_init=True, window_frames=200, overlap_frames=40)
     windows = windowed._windows(long.numel() // 160)
     assert len(windows) > 3 and windows[-1][1] == long.numel() // 160
     assert all(w[3] == nxt[2] for w, nxt in zip(windows, windows[1:])) and all(e - s <= 200 for s, e, _, _ in windows)
@@ -184,7 +176,7 @@ def test_weights_files_load(extractor, assets, tmp_path):
         loaded = load_s3_state_dict(tmp_path / name)
         assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], v) for k, v in state.items())
     wave = to_16k(*read_audio(assets[0]))
-    from_file = UnitExtractor(weights=tmp_path / "s3.safetensors")
+    from_file = UnitExtractor("speech_tokenizer_v1", weights=tmp_path / "s3.safetensors")
     assert from_file.label == "speech_tokenizer_v1" and from_file([wave]) == extractor([wave])
     with pytest.raises(ValueError, match="exactly one"):
         UnitExtractor()
@@ -214,7 +206,9 @@ def test_cli(assets, tmp_path, capsys, caplog):
     out = capsys.readouterr()
     assert "RANDOMLY INITIALISED" in caplog.text and json.loads(out.out)["written"] == 1
     rec = read_jsonl(tmp_path / "u.jsonl")[0]
-    assert rec["id"] == "a" and sum(rec["durations"]) == rec["num_frames"] == 210
+    assert rec["id"] == "a" and sum(rec["durations"]) == rec["num_frames"] == 105  # the default: 25 units/s
+    assert rec["speech_tokenizer"] == {"name": "speech_tokenizer_v1_25hz", "units_per_second": 25, "num_codes": 4096,
+                                       "weights": "random-init:seed=0"}  # what every later join compares
 
 
 def test_benchmark_list_without_audio_column_is_refused_by_name(tmp_path):
@@ -222,3 +216,44 @@ def test_benchmark_list_without_audio_column_is_refused_by_name(tmp_path):
     benchmark_list.write_text("id\ttext\n0\t中国有多少个省？\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"test.tsv:1: field 'audio' header \['id', 'text'\] has no 'audio'"):
         read_speech_manifest(benchmark_list)
+
+
+@pytest.mark.timeout(120)
+def test_onnx_backend_units_equal_torch_item_by_item(extractor, assets, tmp_path):
+    """The onnxruntime backend (an export of the same net, padding mask swapped for a traceable one) gives the torch
+    path's units for every item, run one by one or in padded groups on two threads; exports are cached by digest.
+    A 2-layer, 256-wide S3 net keeps the export to a second; the 123M one is compared in bench/tokenize_speech.py."""
+    from s3tokenizer.model import ModelConfig, S3Tokenizer
+    from safetensors.torch import save_file
+
+    from megatron_cslm.errors import CslmError
+    from megatron_cslm.speech.onnx_backend import OnnxUnitExtractor, onnx_model_for, resolve_backend
+
+    torch.manual_seed(1)
+    small = copy.copy(extractor)
+    small.net = S3Tokenizer("speech_tokenizer_v1", ModelConfig(n_audio_state=256, n_audio_head=4, n_audio_layer=2,
+                                                               use_sdpa=True)).eval()
+    embed = small.net.quantizer._codebook.embed
+    embed.copy_(torch.nn.functional.normalize(torch.randn_like(embed), dim=-1))
+    speech = torch.cat([to_16k(*read_audio(p)) for p in assets])
+    waves = [speech[s: s + n] for s, n in ((0, 16000), (3000, 17000), (9000, 16500), (20000, 41000), (500, 7000))]
+    expected = [small([w])[0] for w in waves]
+    assert len(set(map(tuple, expected))) == len(waves) and len({u for e in expected for u in e}) > 20
+
+    weights = tmp_path / "w" / "s3.safetensors"
+    weights.parent.mkdir()
+    save_file({k: v.contiguous() for k, v in small.net.state_dict().items()}, weights)
+    path = onnx_model_for(small, weights)
+    assert path.parent == weights.parent and path.name.startswith("s3.safetensors.") and path.suffix == ".onnx"
+    stamp = path.stat().st_mtime_ns
+    assert onnx_model_for(small, weights) == path and path.stat().st_mtime_ns == stamp  # cached, not re-exported
+    random_init = onnx_model_for(small, None, cache_dir=tmp_path / "cache")
+    assert random_init.parent == tmp_path / "cache" and ".random-init." in random_init.name  # keyed by its tensors
+
+    for concurrency, max_batch in ((1, 1), (2, 3)):  # batch 1, and groups padded to their longest row
+        onnx = OnnxUnitExtractor.from_torch(small, onnx_path=path, concurrency=concurrency, max_batch=max_batch)
+        assert onnx(waves) == expected and onnx.label == small.label
+    assert resolve_backend("auto", "cpu") == "onnx" and resolve_backend("auto", "cpu", random_init=True) == "torch"
+    assert resolve_backend("auto", "cpu", model="speech_tokenizer_v2_25hz", weights="s3.pt") == "torch"
+    with pytest.raises(CslmError, match="onnx runs on CPU"):
+        resolve_backend("onnx", "cuda:0")

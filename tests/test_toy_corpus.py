@@ -14,13 +14,14 @@ from megatron_cslm.toy.corpus import (
     TOY_UNIT_RANGE,
     ToySpeech,
     bare_word,
+    is_heldout,
     make_toy_corpus,
     parallel_sentences,
     qa_pairs,
 )
-from tests.distributed import load_tool
+from tests.helpers.files import load_tool
 
-FILES = ("manifest.jsonl", "parallel.jsonl", "instruct.jsonl", "dialogue_sft.jsonl", "info.json")
+FILES = ("manifest.jsonl", "parallel.jsonl", "instruct.jsonl", "dialogue_sft.jsonl", "heldout.jsonl", "info.json")
 
 
 def _load(path):
@@ -85,7 +86,7 @@ def test_manifest_is_aligned_and_in_range(toy):
     assert {r["speaker"] for r in records} == {v.name for v in tts.voices}
     assert len({r["id"] for r in records}) == len(records)
     for r in records:
-        assert set(r) == {"id", "text", "lang", "speaker", "units", "words"}
+        assert set(r) == {"id", "text", "lang", "speaker", "units", "words", "speech_tokenizer"}
         assert all(0 <= u < TOY_UNIT_RANGE for u in r["units"])
         assert guess_lang(r["text"]) == r["lang"]
         _check_aligned(tts, r["text"], r["units"], r["words"])
@@ -138,7 +139,7 @@ def test_parallel_instruct_and_dialogue_formats(toy):
     n_turns = {len(d["turns"]) for d in dialogues}
     assert n_turns == {2, 4}  # single- and two-turn dialogues
     for d in dialogues:
-        assert set(d) == {"id", "lang", "turns"}
+        assert set(d) == {"id", "lang", "turns", "speech_tokenizer"}
         roles = [t["role"] for t in d["turns"]]
         assert roles == ["user", "assistant"] * (len(roles) // 2)
         for t in d["turns"]:
@@ -148,6 +149,17 @@ def test_parallel_instruct_and_dialogue_formats(toy):
                 _check_aligned(tts, t["text"], t["units"], t["words"])
             else:
                 assert "words" not in t and t["speaker"] != tts.voices[ASSISTANT_SPEAKER].name
+
+    # Held-out spoken questions: never spoken anywhere a training stage reads; their text Q/A is in instruct.
+    heldout = _load(toy / "heldout.jsonl")
+    held = {qa[lang] for i, qa in enumerate(qa_pairs()) if is_heldout(i) for lang in ("en", "zh")}
+    assert {(h["question"], h["answer"]) for h in heldout} == held and len(heldout) == len(held) >= 16
+    spoken = {t["text"] for d in dialogues for t in d["turns"]} | {r["text"] for r in _load(toy / "manifest.jsonl")}
+    assert not spoken & {q for q, _ in held}
+    assert {(r["prompt"], r["response"]) for r in instruct} >= held
+    for h in heldout:
+        assert [u for u in dedup_units(h["units"]) if u != SILENCE_UNIT] == \
+            [u for u in dedup_units([x for c in h["question"] for x in tts.grapheme_units(c)]) if u != SILENCE_UNIT]
 
 
 def test_cli(tmp_path, capsys):

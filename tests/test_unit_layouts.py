@@ -173,7 +173,7 @@ def test_plain_text_tokenizer_is_still_extended(text_dir):
 def checkpoint(request, released, tmp_path_factory) -> dict:
     """A released HF checkpoint of this layout, converted to Megatron and exported back to HF."""
     from megatron_cslm.convert import convert_hf_to_megatron, convert_megatron_to_hf
-    from tests.test_convert import make_hf_llama
+    from tests.helpers.hf import make_hf_llama
 
     layout = request.param
     d = released[layout]
@@ -192,7 +192,7 @@ def test_hf_megatron_hf_keeps_every_id(checkpoint):
     from tokenizers import Tokenizer
 
     from megatron_cslm.convert import convert_hf_to_megatron
-    from tests.test_convert import load_hf_tensors
+    from tests.helpers.hf import load_hf_tensors
 
     work, hf = checkpoint["work"], checkpoint["hf"]
     vocab = {p: Tokenizer.from_file(str(p / "tokenizer.json")).get_vocab(with_added_tokens=True)
@@ -247,7 +247,7 @@ def test_preprocessing_and_sft_data_use_the_checkpoint_ids(checkpoint, tmp_path)
     packed = np.concatenate([bins[i] for i in range(len(bins))]).tolist()
     assert sum(packed[i:i + 5] == segment_ids for i in range(len(packed))) == 2
     if checkpoint["layout"] == "units_split":  # one SFT step of the converted checkpoint on its own ids
-        from tests.distributed import torchrun
+        from tests.helpers.launch import torchrun
 
         torchrun("-m megatron_cslm.sft", 1, "--device", "cpu", "--load-init", checkpoint["work"] / "megatron",
                  "--data-path", prefix, "--seq-length", "256", "--micro-batch-size", "1", "--global-batch-size",
@@ -260,7 +260,7 @@ def test_decoding_uses_the_checkpoint_ids_and_the_authors_prompt(checkpoint):
 
     from transformers import AutoTokenizer
 
-    from megatron_cslm.inference.cli import add_decoding_args, load_model
+    from megatron_cslm.cli.decoding import add_decoding_args, load_model
     from megatron_cslm.inference.parse import parse_response
     from megatron_cslm.inference.sampling import ModalityConstraint, SamplingConfig
 

@@ -10,6 +10,10 @@ A `torch_dist` checkpoint stores tensors, not the architecture. The run director
 `padded_vocab_size` is part of the checkpoint's tensor shapes: a model that loads it must be built with
 this size (it is a multiple of 128 x the TP it was converted for, so it also splits at every smaller TP
 that divides it), not with the size its own TP would pad to.
+
+`speech_tokenizer` (speech/identity.py) names the codebook the model's unit tokens mean: training records its
+data's, the HF conversion records `--speech-tokenizer`'s, and decode / eval / a later training stage refuse another.
+null: not known (a converted text model, a foreign checkpoint); a manifest without the key predates identities.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from megatron_cslm.checkpoint.save_load import TRACKER, latest_iteration
 from megatron_cslm.errors import CslmError
 from megatron_cslm.fileio import DataError, write_json
 from megatron_cslm.models.llama import LlamaArch
+from megatron_cslm.speech.identity import IDENTITY_KEY, SpeechTokenizerId, parse_identity, warn_legacy
 
 MANIFEST = "cslm_model.json"
 
@@ -34,11 +39,13 @@ class ModelManifest:
     # what built the weights, oldest first: {"stage": "convert"|"pretrain"|"sft", "save", "data": [...], ...};
     # travels from run to run so an export's model card can list every stage
     lineage: tuple = ()
+    speech_tokenizer: SpeechTokenizerId | None = None  # the codebook of the unit tokens (None: not recorded)
 
     def save(self, run_dir: str | Path) -> None:
         write_json(Path(run_dir) / MANIFEST, {
             "format": 1, "arch": self.arch.to_dict(), "padded_vocab_size": self.padded_vocab_size,
-            "tokenizer": self.tokenizer, "base_model": self.base_model, "lineage": list(self.lineage)})
+            "tokenizer": self.tokenizer, "base_model": self.base_model, "lineage": list(self.lineage),
+            IDENTITY_KEY: self.speech_tokenizer.to_dict() if self.speech_tokenizer else None})
 
     @classmethod
     def load(cls, run_dir: str | Path) -> "ModelManifest":
@@ -60,8 +67,10 @@ class ModelManifest:
             raise DataError(path, None, "arch", str(e)) from e
         if d["padded_vocab_size"] < arch.vocab_size:
             raise DataError(path, None, "padded_vocab_size", f"{d['padded_vocab_size']} < vocab_size {arch.vocab_size}")
+        if IDENTITY_KEY not in d:
+            warn_legacy(path)
         return cls(arch, d["padded_vocab_size"], d.get("tokenizer", "tokenizer"), d.get("base_model"),
-                   tuple(d.get("lineage") or ()))
+                   tuple(d.get("lineage") or ()), parse_identity(d.get(IDENTITY_KEY), path))
 
     def tokenizer_dir(self, run_dir: str | Path) -> Path:
         return Path(run_dir) / self.tokenizer

@@ -82,11 +82,20 @@ def _set_rng_state(state: dict) -> None:
     get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def _unwrapped(model: list) -> list:
+    return [chunk.module if hasattr(chunk, "module") else chunk for chunk in model]
+
+
+def _model_keys(model: list) -> list[str]:
+    """Megatron-LM's names: "model" for one chunk, "model0", "model1", ... for virtual pipeline stages. Only the
+    nesting differs: tensors are matched by their global keys, so a save loads at any PP/VPP."""
+    return ["model"] if len(model) == 1 else [f"model{i}" for i in range(len(model))]
+
+
 def _sharded_state(model: list, optimizer, scheduler, common: dict, is_loading: bool = False) -> dict:
-    state = {"model": model[0].module.sharded_state_dict() if hasattr(model[0], "module")
-             else model[0].sharded_state_dict()}
+    state = {key: chunk.sharded_state_dict() for key, chunk in zip(_model_keys(model), _unwrapped(model))}
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=is_loading,
+        state["optimizer"] = optimizer.sharded_state_dict(dict(state), is_loading=is_loading,
                                                           metadata=OPTIM_SHARDING)
     if scheduler is not None:
         state["opt_param_scheduler"] = scheduler.state_dict()
@@ -250,8 +259,8 @@ def load_checkpoint(root: str | os.PathLike, iteration: int, model: list, optimi
     if optimizer is not None:
         _materialize_optimizer_state(optimizer)
     state = dist_checkpointing.load(_sharded_state(model, optimizer, scheduler, {}, is_loading=True), str(path))
-    target = model[0].module if hasattr(model[0], "module") else model[0]
-    target.load_state_dict(state["model"], strict=True)
+    for key, chunk in zip(_model_keys(model), _unwrapped(model)):
+        chunk.load_state_dict(state[key], strict=True)
     if optimizer is not None:
         with torch.no_grad():  # megatron-core 0.16's dp_reshardable loader copies into params that need grad
             optimizer.load_state_dict(state["optimizer"])

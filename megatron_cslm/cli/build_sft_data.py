@@ -13,6 +13,7 @@ import json
 import sys
 
 from megatron_cslm.cli import positive_int, tool_parser
+from megatron_cslm.data.chunking import CUT_KINDS
 from megatron_cslm.data.packing import OVERLONG
 from megatron_cslm.data.sft import INSTRUCTIONS, LAYOUTS, SFTConfig, build_sft_data
 from megatron_cslm.text.tokenizer import SpeechTextTokenizer
@@ -67,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
                            args.seed, args.skip_bad_records)
     r = stats["records"]
     print(f"records: read={r['read']} packed={r['written']} skipped={r['skipped_total']} {r['skipped']}")
+    if args.layout == "interleaved":  # word timestamps (cslm align-words) vs the proportional cut
+        print("answers cut: " + " ".join(f"{k}={stats['answer_cuts'].get(k, 0)}" for k in CUT_KINDS))
     print(f"bins={stats['bins']} fill={stats['fill_ratio']:.4f} (bound {stats['fill_bound']:.4f}) "
           f"truncated={stats['truncated']} loss tokens={json.dumps(stats['loss_tokens'])} "
           f"-> {args.output_prefix}.stats.json")

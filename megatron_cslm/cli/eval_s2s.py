@@ -19,13 +19,15 @@ from pathlib import Path
 
 from megatron_cslm.cli import add_debug_flag, positive_int
 from megatron_cslm.cli.decode import checked_unit_extractor
+from megatron_cslm.cli.decoding import add_decoding_args, durations, load_model, sampling_config
 from megatron_cslm.errors import CslmError
 from megatron_cslm.fileio import atomic_open, write_json
-from megatron_cslm.inference.cli import add_decoding_args, durations, load_model, sampling_config
+from megatron_cslm.inference.benchmarks import resolve_languages
 from megatron_cslm.inference.evaluate import AsrCommand, render_markdown, run_benchmark
 from megatron_cslm.inference.inputs import read_benchmark_list
 from megatron_cslm.inference.outputs import RESPONSES
 from megatron_cslm.inference.runner import DecodeOptions, tokenize_audio
+from megatron_cslm.inference.scores import add_score_args, build_scorers, score_and_render
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,6 +45,7 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="ASR for the spoken answer, e.g. 'my_asr --units {units_file}': {units_file} is replaced "
                         "by a file of space-separated unit ids; the command prints the transcript")
     g.add_argument("--output-dir", required=True, help="report.json, report.md and per-model answers go here")
+    add_score_args(parser)
     add_decoding_args(parser)
     add_debug_flag(parser)
     args = parser.parse_args(argv)
@@ -66,20 +69,24 @@ def main(argv: list[str] | None = None) -> int:
     extractor = checked_unit_extractor(args, {flag: path for flag, path in flags.items() if path})
     num_units = extractor.net.quantizer.codebook_size  # == every model's unit count (checked)
     tokenize_audio(questions, extractor)
-    answer_lang = args.answer_lang or args.lang
+    answer_lang = resolve_languages(args.benchmark, args.lang, args.answer_lang)[1]
     options = DecodeOptions(answer_lang, sampling_config(args), args.seed, args.batch_size,
                             max_prompt_tokens=args.max_len_input)
     asr = AsrCommand(args.asr_command) if args.asr_command else None
+    scorers = build_scorers(args, out)  # before decoding: a missing model or a bad flag stops at once
     reports = run_benchmark(models, lambda path: load_model(path, args), questions, options, out, asr,
                             durations(args, num_units))
     config = {"manifest": args.manifest, "items": len(questions), "models": models, "lang": args.lang,
               "answer_lang": answer_lang, "sampling": dataclasses.asdict(options.sampling), "seed": args.seed,
-              "speech_tokenizer": extractor.label,
+              "speech_tokenizer": extractor.identity.to_dict(), "speech_tokenizer_label": extractor.label,
               "asr_command": args.asr_command}
-    write_json(out / "report.json", {"config": config, "models": reports})
+    extra_md, extra_json = score_and_render(args, questions, reports, scorers)
+    write_json(out / "report.json", {"config": {**config, **extra_json.pop("config")}, "models": reports,
+                                     **extra_json})
     with atomic_open(out / "report.md") as f:
         f.write(f"# S2S evaluation: {Path(args.manifest).name} ({len(questions)} items, question {args.lang}, "
                 f"answer {answer_lang})\n\n")
         f.write(render_markdown(reports))
+        f.write(extra_md)
     print((out / "report.md").read_text(encoding="utf-8"), file=sys.stderr)
     return 0

@@ -7,7 +7,8 @@ converts in under 4 GiB of RAM.
 
 Example:
     cslm hf-to-megatron --hf-dir Meta-Llama-3.1-8B-Instruct --out runs/cslm-8b-init \
-        --tp 2 --pp 2 --expand-vocab --num-units 4096 --verify
+        --tp 2 --pp 2 --expand-vocab --speech-tokenizer speech_tokenizer_v1_25hz \
+        --speech-tokenizer-weights speech_tokenizer_v1_25hz.onnx --verify
 
 Output: OUT/iter_0000000/ (checkpoint), OUT/cslm_model.json (architecture, padded vocabulary),
 OUT/tokenizer/ (HF tokenizer files), OUT/latest_checkpointed_iteration.txt (written last).
@@ -15,10 +16,16 @@ OUT/tokenizer/ (HF tokenizer files), OUT/latest_checkpointed_iteration.txt (writ
 from __future__ import annotations
 
 import argparse
+import logging
 
 from megatron_cslm.cli import positive_int, tool_parser
+from megatron_cslm.cli.verify_args import add_verify_args, verify_exit_code
 from megatron_cslm.convert.hf_to_megatron import convert_hf_to_megatron
-from megatron_cslm.convert.verify import add_verify_args, verify_exit_code
+from megatron_cslm.convert.vocab import expansion_units
+from megatron_cslm.errors import CslmError
+from megatron_cslm.speech.identity import DEFAULT_S3_TOKENIZER, S3_TOKENIZERS, s3_identity
+
+log = logging.getLogger(__name__)
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,8 +47,17 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("vocabulary expansion")
     g.add_argument("--expand-vocab", action="store_true",
                    help="Append speech units and <sosp> <eosp> [question] [answer] to the vocabulary.")
-    g.add_argument("--num-units", type=positive_int, default=4096,
-                   help="Number of discrete speech units (CosyVoice S3 tokenizer: 4,096).")
+    g.add_argument("--speech-tokenizer", default=None, choices=sorted(S3_TOKENIZERS),
+                   help="The speech tokenizer whose units the model will learn: the expansion holds its codes "
+                        "(v1, v1_25hz: 4,096; v2_25hz: 6,561). Default: unit count of "
+                        f"{DEFAULT_S3_TOKENIZER}, nothing recorded.")
+    g.add_argument("--speech-tokenizer-weights", default=None,
+                   help="Its weight file (hashed) or recorded tag (sha256:..., random-init:seed=N): with "
+                        "--speech-tokenizer, cslm_model.json records the identity, and training, decode and eval "
+                        "refuse units of any other tokenizer.")
+    g.add_argument("--num-units", type=positive_int, default=None,
+                   help="Number of discrete speech units (default: the speech tokenizer's codes; must equal them "
+                        "when both are given).")
     g.add_argument("--seed", type=int, default=1234, help="Seed of the noise added to the new rows.")
     add_verify_args(p, hf_role="original")
     return p.parse_args(argv)
@@ -49,9 +65,20 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args(argv)
+    if args.speech_tokenizer_weights and not args.speech_tokenizer:
+        raise CslmError.usage("--speech-tokenizer-weights needs --speech-tokenizer (which tokenizer they are)",
+                              "--speech-tokenizer")
+    num_units = expansion_units(args.num_units, args.speech_tokenizer)  # before any tensor is read
+    identity = None
+    if args.speech_tokenizer and args.speech_tokenizer_weights:
+        identity = s3_identity(args.speech_tokenizer, args.speech_tokenizer_weights)
+    elif args.speech_tokenizer:
+        log.warning("--speech-tokenizer %s without --speech-tokenizer-weights: the unit count follows it, but no "
+                    "identity is recorded (training records its data's)", args.speech_tokenizer)
     manifest = convert_hf_to_megatron(args.hf_dir, args.out, tensor_parallel_size=args.tp,
                                       pipeline_parallel_size=args.pp, expand_vocab=args.expand_vocab,
-                                      num_units=args.num_units, tokenizer=args.tokenizer, seed=args.seed)
+                                      num_units=num_units, tokenizer=args.tokenizer, seed=args.seed,
+                                      speech_tokenizer=identity)
     print(f"wrote {args.out}: vocab {manifest.arch.vocab_size} (padded {manifest.padded_vocab_size}), "
           f"{manifest.arch.num_layers} layers")
     if args.verify:

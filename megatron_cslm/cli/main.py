@@ -18,15 +18,19 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "make-toy-corpus": ("megatron_cslm.cli.make_toy_corpus", "write the embedded SYNTHETIC bilingual toy corpus"),
     "make-toy-tokenizer": ("megatron_cslm.cli.make_toy_tokenizer", "train the quickstart's small tokenizer"),
     "tokenize-speech": ("megatron_cslm.cli.tokenize_speech", "audio manifest -> S3 speech units (JSONL)"),
+    "align-words": ("megatron_cslm.cli.align_words", "units JSONL + audio -> word timestamps (CTC forced alignment)"),
     "hf-to-megatron": ("megatron_cslm.cli.hf_to_megatron", "HF Llama -> megatron-core checkpoint (+ vocab expansion)"),
     "build-pretrain-data": ("megatron_cslm.cli.build_pretrain_data", "source corpora -> pretraining documents"),
     "preprocess-data": ("megatron_cslm.cli.preprocess_data", "documents -> megatron-core .bin/.idx"),
-    "pretrain": ("megatron_cslm.pretrain:cli_main", "continual pretraining (run under torchrun for several processes)"),
+    "pretrain": ("megatron_cslm.cli.pretrain", "continual pretraining (run under torchrun for several processes)"),
     "build-sft-data": ("megatron_cslm.cli.build_sft_data", "spoken dialogue -> packed SFT .bin/.idx"),
-    "sft": ("megatron_cslm.sft:cli_main", "supervised fine-tuning on packed SFT data"),
+    "sft": ("megatron_cslm.cli.sft", "supervised fine-tuning on packed SFT data"),
     "megatron-to-hf": ("megatron_cslm.cli.megatron_to_hf", "megatron-core checkpoint -> HF Llama directory"),
     "decode": ("megatron_cslm.cli.decode", "answer spoken questions with streaming interleaved decoding"),
     "eval-s2s": ("megatron_cslm.cli.eval_s2s", "evaluate checkpoints on a speech-to-speech benchmark"),
+    "train-duration": ("megatron_cslm.cli.train_duration", "units JSONL -> duration predictor for deduplicated units"),
+    "synthesize": ("megatron_cslm.cli.synthesize", "speech units -> waveform (CosyVoice flow + HiFi-GAN), streamed"),
+    "plan": ("megatron_cslm.cli.plan", "per-GPU memory, fit and layouts ranked by step time, before launch"),
 }
 
 

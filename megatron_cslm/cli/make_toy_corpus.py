@@ -15,7 +15,8 @@ def get_args(argv=None) -> argparse.Namespace:
         "Write the toy corpus shipped with megatron_cslm: 160 English/Chinese sentence pairs and 40 Q/A pairs "
         "written for the project, with SYNTHETIC speech (each letter/character is a fixed short unit sequence, "
         "stretched per speaker). Files: manifest.jsonl (ASR/TTS manifest with word timestamps), parallel.jsonl, "
-        "instruct.jsonl, dialogue_sft.jsonl, info.json. Nothing is downloaded; the output depends only on the "
+        "instruct.jsonl, dialogue_sft.jsonl, heldout.jsonl (spoken questions kept out of training), info.json. "
+        "Nothing is downloaded; the output depends only on the "
         "arguments.", show_defaults=False)
     parser.add_argument("--out", required=True, help="output directory (created if missing)")
     parser.add_argument("--num-units", type=positive_int, default=4096,

@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 
 from megatron_cslm.cli import positive_float, tool_parser
+from megatron_cslm.cli.verify_args import add_verify_args, verify_exit_code
 from megatron_cslm.convert.megatron_to_hf import DTYPES, convert_megatron_to_hf
-from megatron_cslm.convert.verify import add_verify_args, verify_exit_code
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -10,22 +10,34 @@ The format is PyTorch Distributed Checkpoint (DCP) plus two megatron-core files:
 
 `dist_checkpointing.save` needs the whole state dict in memory (its async writer preloads every tensor), so
 the writer here appends one chunk at a time (a decoder layer is one chunk of each stacked tensor, exactly
-as megatron-core saves them) and writes `.metadata` last. Reading goes through DCP's own planner and
-FileSystemReader, so checkpoints saved by training at any TP/PP (many chunks per tensor, optimizer state
-alongside) are read correctly: a request for a region is assembled from whatever chunks overlap it.
+as megatron-core saves them) and writes `.metadata` last.
+
+Reading assembles a requested region from whatever stored chunks overlap it, so checkpoints saved by
+training at any TP/PP (many chunks per tensor, optimizer state alongside) are read correctly. Each chunk is a
+`torch.save` record (a zip holding a pickle and the raw storage); when the pickle says the record is exactly
+one contiguous tensor of the chunk's shape and dtype (what DCP and this writer save), its bytes are read
+with `pread` straight into the destination rows (no `torch.load` into a temporary, no `BytesIO`, no second
+copy). Anything else (transforms, other record layouts, a truncated or corrupt file) goes through DCP's own
+planner and FileSystemReader, which is also what names the damage in errors.
 """
 from __future__ import annotations
 
+import collections
 import gc
+import io
 import json
 import math
+import os
 import pickle
+import struct
 import uuid
+import zipfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION, FileSystemReader, _StorageInfo
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
@@ -37,6 +49,7 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
+from megatron_cslm.convert.rawio import pread_into
 from megatron_cslm.errors import CslmError
 from megatron_cslm.fileio import DataError, atomic_open
 
@@ -114,6 +127,85 @@ class DistCheckpointWriter:
             json.dump(MCORE_CONFIG, f)
 
 
+class _FileWindow(io.RawIOBase):
+    """Bytes [start, start + length) of an open file, as a seekable stream (for `zipfile`)."""
+
+    def __init__(self, fd: int, start: int, length: int):
+        self._fd, self._start, self._length, self._pos = fd, start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self._pos = max(0, {0: pos, 1: self._pos + pos, 2: self._length + pos}[whence])
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        n = max(0, min(len(buffer), self._length - self._pos))
+        data = os.pread(self._fd, n, self._start + self._pos)
+        buffer[:len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+
+class _TensorPickle(pickle.Unpickler):
+    """Reads a `torch.save` pickle of one tensor without torch: (storage key, storage class, numel, storage
+    offset, size, stride); anything that is not a plain tensor fails to unpickle."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return lambda storage, offset, size, stride, *_: (storage, offset, tuple(size), tuple(stride))
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if module == "torch" and name.endswith("Storage"):
+            return name
+        raise pickle.UnpicklingError(f"not a plain tensor record ({module}.{name})")
+
+    def persistent_load(self, pid):
+        return tuple(pid)
+
+
+def _contiguous_strides(size: Sequence[int]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for s in reversed(size):
+        strides.append(step)
+        step *= s
+    return tuple(reversed(strides))
+
+
+def _raw_tensor_offset(fd: int, start: int, length: int, sizes: Sequence[int], dtype: torch.dtype) -> int | None:
+    """File offset of the raw bytes of the `torch.save` record at [start, start + length) when it holds exactly
+    one contiguous tensor of `sizes` and `dtype` from the start of its storage; None otherwise."""
+    try:
+        with zipfile.ZipFile(_FileWindow(fd, start, length)) as archive:
+            infos = archive.infolist()
+            pickles = [i for i in infos if i.filename.endswith("/data.pkl")]
+            data = [i for i in infos if "/data/" in i.filename and not i.filename.endswith("/data.pkl")]
+            if len(pickles) != 1 or len(data) != 1 or data[0].compress_type != zipfile.ZIP_STORED:
+                return None
+            storage, offset, size, stride = _TensorPickle(io.BytesIO(archive.read(pickles[0]))).load()
+        header = os.pread(fd, 30, start + data[0].header_offset)
+    except Exception:  # noqa: BLE001 - any surprise: DCP's own reader handles (and names) it
+        return None
+    dtype_name = str(dtype).removeprefix("torch.")
+    storage_class = {"bfloat16": "BFloat16Storage", "float32": "FloatStorage", "float16": "HalfStorage",
+                     "float64": "DoubleStorage"}.get(dtype_name)
+    numel = math.prod(sizes)
+    if (len(header) != 30 or header[:4] != b"PK\x03\x04" or storage[:2] != ("storage", storage_class)
+            or storage[2] != data[0].filename.rsplit("/", 1)[1] or storage[4] != numel or offset != 0
+            or size != tuple(sizes) or stride != _contiguous_strides(sizes)
+            or data[0].file_size != numel * dtype.itemsize):
+        return None
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    return start + data[0].header_offset + 30 + name_len + extra_len
+
+
 def _region(key: str, buffer: torch.Tensor, global_shape: torch.Size, offset: Sequence[int]) -> torch.Tensor:
     """A DCP load target for one region of a global tensor (megatron-core's own Checkpointable wrapper)."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
@@ -142,6 +234,7 @@ class DistCheckpointReader:
             raise DataError(config, None, "sharded_backend", f"is {backend!r}; only 'torch_dist' is supported",
                             kind="checkpoint")
         self._reader = FileSystemReader(str(self.directory))
+        self._raw_offsets: dict[MetadataIndex, int | None] = {}
         try:
             self.metadata = self._reader.read_metadata()
         except Exception as e:  # a truncated or corrupt .metadata pickle: name it
@@ -156,15 +249,67 @@ class DistCheckpointReader:
         return md
 
     def read(self, regions: dict[str, tuple[Sequence[int], Sequence[int]]]) -> dict[str, torch.Tensor]:
-        """{key: (offset, shape)} -> {key: tensor} in the stored dtype, all read in one DCP pass."""
-        buffers, targets = {}, {}
-        for key, (offset, shape) in regions.items():
-            md = self.tensor_meta(key)
-            buffers[key] = torch.empty(tuple(shape), dtype=md.properties.dtype)
-            targets[key] = _region(key, buffers[key], md.size, offset)
+        """{key: (offset, shape)} -> {key: tensor} in the stored dtype: read directly when every overlapping
+        chunk is a plain tensor record, else all in one DCP pass."""
+        buffers = {key: torch.empty(tuple(shape), dtype=self.tensor_meta(key).properties.dtype)
+                   for key, (_, shape) in regions.items()}
+        if self._read_raw(regions, buffers):
+            return buffers
+        return self._read_dcp(regions, buffers)
+
+    def _read_raw(self, regions: dict[str, tuple[Sequence[int], Sequence[int]]],
+                  buffers: dict[str, torch.Tensor]) -> bool:
+        """Fill `buffers` chunk by chunk with `pread`; False (nothing trusted) when any chunk needs DCP."""
+        fds: dict[str, int] = {}
+        try:
+            for key, (offset, shape) in regions.items():
+                md, covered = self.tensor_meta(key), 0
+                for chunk in md.chunks:
+                    box = [(max(o, c), min(o + s, c + n)) for o, s, c, n in
+                           zip(offset, shape, chunk.offsets, chunk.sizes)]
+                    if any(lo >= hi for lo, hi in box):
+                        continue
+                    index = MetadataIndex(key, chunk.offsets)
+                    info = self.metadata.storage_data.get(index)
+                    if info is None or getattr(info, "transform_descriptors", None):
+                        return False
+                    if info.relative_path not in fds:
+                        fds[info.relative_path] = os.open(self.directory / info.relative_path, os.O_RDONLY)
+                    fd = fds[info.relative_path]
+                    if index not in self._raw_offsets:
+                        self._raw_offsets[index] = _raw_tensor_offset(fd, info.offset, info.length, chunk.sizes,
+                                                                      md.properties.dtype)
+                    raw = self._raw_offsets[index]
+                    if raw is None:
+                        return False
+                    dest = buffers[key][tuple(slice(lo - o, hi - o) for (lo, hi), o in zip(box, offset))]
+                    whole = all(lo == c and hi == c + n for (lo, hi), c, n in zip(box, chunk.offsets, chunk.sizes))
+                    if whole and dest.is_contiguous():
+                        pread_into(fd, dest, raw, self.directory / info.relative_path, key)
+                    else:
+                        stored = torch.empty(tuple(chunk.sizes), dtype=md.properties.dtype)
+                        pread_into(fd, stored, raw, self.directory / info.relative_path, key)
+                        dest.copy_(stored[tuple(slice(lo - c, hi - c) for (lo, hi), c in zip(box, chunk.offsets))])
+                    covered += dest.numel()
+                if covered != buffers[key].numel():  # gaps or overlaps: let DCP decide what they mean
+                    return False
+        except CslmError:
+            return False  # truncated data: DCP's reader reports it
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        return True
+
+    def _read_dcp(self, regions: dict[str, tuple[Sequence[int], Sequence[int]]],
+                  buffers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        targets = {}
+        for key, (offset, _) in regions.items():
+            targets[key] = _region(key, buffers[key], self.tensor_meta(key).size, offset)
         try:
             dcp.load(targets, storage_reader=self._reader, no_dist=True)
-        except Exception as e:  # a truncated or corrupt data file: name the checkpoint and the tensors read
+        # a truncated or corrupt data file: name the checkpoint and the tensors read (DCP wraps the error in a
+        # CheckpointException, a BaseException)
+        except (Exception, CheckpointException) as e:
             names = ", ".join(list(regions)[:3]) + (" ..." if len(regions) > 3 else "")
             raise CslmError(self.directory, None, names, f"unreadable tensor data ({type(e).__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else ''})", kind="checkpoint", reason="corrupt") from e

@@ -14,6 +14,11 @@ megatron-core stores GLOBAL tensors, so one checkpoint serves every TP/PP layout
 * every linear layer carries an `_extra_state` object (None for the local spec; TE accepts None too).
 
 HF and megatron-core both apply RoPE with the rotate-half convention, so q/k rows need no permutation.
+
+`layer_row_map` states the same layout as row blocks (which rows of which HF tensor land at which rows of
+which megatron tensor), so the converters can read each block straight into its place in a fused buffer and
+write each HF tensor straight from the blocks of a fused one, without a `torch.cat` or a copy; `fuse_qkv`,
+`split_qkv` and the `*_layer_to_*` functions are the tensor-level statement of it, and both must agree.
 """
 from __future__ import annotations
 
@@ -55,6 +60,31 @@ def hf_layer_names(i: int) -> dict[str, str]:
         "up": prefix + "mlp.up_proj.weight",
         "down": prefix + "mlp.down_proj.weight",
     }
+
+
+@dataclass(frozen=True)
+class RowBlock:
+    """`rows` rows of HF part `part` starting at `hf_row` are rows `megatron_row`.. of megatron tensor `key`."""
+    key: str
+    part: str
+    hf_row: int
+    megatron_row: int
+    rows: int
+
+
+def layer_row_map(arch: LlamaArch) -> list[RowBlock]:
+    """Every row block of one decoder layer, in megatron row order within each tensor (LAYER_KEYS order)."""
+    groups, d, f, h = arch.num_query_groups, arch.head_dim, arch.ffn_hidden_size, arch.hidden_size
+    per_group = arch.num_attention_heads // groups
+    qkv = []
+    for g in range(groups):
+        base = g * (per_group + 2) * d
+        qkv += [RowBlock(QKV, "q", g * per_group * d, base, per_group * d),
+                RowBlock(QKV, "k", g * d, base + per_group * d, d),
+                RowBlock(QKV, "v", g * d, base + (per_group + 1) * d, d)]
+    return [RowBlock(ATTN_NORM, "attn_norm", 0, 0, h), *qkv, RowBlock(PROJ, "o", 0, 0, h),
+            RowBlock(MLP_NORM, "mlp_norm", 0, 0, h), RowBlock(FC1, "gate", 0, 0, f), RowBlock(FC1, "up", 0, f, f),
+            RowBlock(FC2, "down", 0, 0, h)]
 
 
 @dataclass(frozen=True)

@@ -1,16 +1,21 @@
 """megatron-core checkpoint (any TP x PP it was trained at) -> HF Llama directory, without custom code.
 
 Reads one decoder layer at a time from the global tensors and streams HF safetensors shards (~5 GB, like
-Meta's) with `model.safetensors.index.json`. Embedding padding rows are dropped (config.json carries the
-unpadded vocabulary), RoPE scaling is written in the classic `rope_theta` + `rope_scaling` form that vLLM
-and older transformers read, and the tokenizer saved with the checkpoint (speech units as added tokens,
-Llama-3.1 chat template) is copied alongside.
+Meta's) with `model.safetensors.index.json`, at the disk's speed: a background thread reads the next group
+(chunk bytes straight into the buffer, see `dist_ckpt`) while writer threads write this one, each HF tensor
+written from its row blocks of the fused megatron tensor (`layout.layer_row_map`: q/k/v and gate/up are views,
+never copied), each at its planned offset, so shards fill in parallel; the tokenizer, configs and model card
+are written meanwhile by another thread (config.json is removed again if the weights fail). Embedding
+padding rows are dropped (config.json carries the unpadded vocabulary), RoPE scaling is written in the
+classic `rope_theta` + `rope_scaling` form that vLLM and older transformers read, and the tokenizer saved
+with the checkpoint (speech units as added tokens, Llama-3.1 chat template) is copied alongside.
 """
 from __future__ import annotations
 
 import shlex
 import shutil
 import sys
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 import torch
@@ -27,13 +32,15 @@ from megatron_cslm.convert.layout import (
     OUTPUT,
     hf_layer_names,
     hf_tensor_specs,
+    layer_row_map,
     megatron_layer_shapes,
-    megatron_layer_to_hf,
 )
+from megatron_cslm.convert.rawio import read_ahead
 from megatron_cslm.convert.safetensors_io import INDEX_FILE, ShardedSafetensorsWriter
 from megatron_cslm.errors import CslmError
-from megatron_cslm.fileio import DataError, write_json
+from megatron_cslm.fileio import DataError, make_dirs, write_json
 from megatron_cslm.models.llama import LlamaArch
+from megatron_cslm.speech.identity import IDENTITY_KEY
 from megatron_cslm.text.chat import EOT
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -54,33 +61,37 @@ def check_shapes(reader: DistCheckpointReader, arch: LlamaArch, padded_vocab: in
                             f"global shape {list(got)}, but cslm_model.json implies {list(shape)}")
 
 
-def _write_layer(writer: ShardedSafetensorsWriter, reader: DistCheckpointReader, arch: LlamaArch, i: int) -> None:
-    """Layer i's HF tensors (a function, so the layer is freed on return)."""
-    hf = megatron_layer_to_hf(reader.read_layer(LAYER_KEYS, i), arch)
-    for part, name in hf_layer_names(i).items():
-        writer.write(name, hf[part])
+def _layer_blocks(layer: dict[str, torch.Tensor], arch: LlamaArch, i: int) -> list[tuple[str, list[torch.Tensor]]]:
+    """Layer i's HF tensors, in file order, each as the row blocks (views of `layer`) that concatenate to it."""
+    parts: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    for block in layer_row_map(arch):
+        rows = layer[block.key][block.megatron_row:block.megatron_row + block.rows]
+        parts.setdefault(block.part, []).append((block.hf_row, rows))
+    return [(name, [rows for _, rows in sorted(parts[part], key=lambda p: p[0])])
+            for part, name in hf_layer_names(i).items()]
 
 
 def write_weights(reader: DistCheckpointReader, arch: LlamaArch, out: Path, dtype: torch.dtype,
                   max_shard_bytes: int, progress: bool = True) -> None:
-    """Stream the checkpoint's tensors into HF shards."""
+    """Stream the checkpoint's tensors into HF shards, reading the next group while this one is written."""
     v, h = arch.vocab_size, arch.hidden_size
     specs = [(s.name, s.shape) for s in hf_tensor_specs(arch)]
+    tasks = [lambda: [("model.embed_tokens.weight", [reader.read({EMBEDDING: ((0, 0), (v, h))})[EMBEDDING]])]]
+    tasks += [lambda i=i: _layer_blocks(reader.read_layer(LAYER_KEYS, i), arch, i) for i in range(arch.num_layers)]
+    tasks.append(lambda: [("model.norm.weight", [reader.read({FINAL_NORM: ((0,), (h,))})[FINAL_NORM]])])
+    if not arch.tie_word_embeddings:
+        tasks.append(lambda: [("lm_head.weight", [reader.read({OUTPUT: ((0, 0), (v, h))})[OUTPUT]])])
     with ShardedSafetensorsWriter(out, specs, dtype, max_shard_bytes) as writer, \
-            tqdm(total=arch.num_layers + 2, desc="megatron -> hf", unit="group", disable=not progress) as bar:
-        writer.write("model.embed_tokens.weight", reader.read({EMBEDDING: ((0, 0), (v, h))})[EMBEDDING])
-        bar.update()
-        for i in range(arch.num_layers):
-            _write_layer(writer, reader, arch, i)
+            tqdm(total=len(tasks), desc="megatron -> hf", unit="group", disable=not progress) as bar:
+        for group in read_ahead(tasks, depth=1):
+            for name, blocks in group:
+                writer.write(name, blocks)
             bar.update()
-        writer.write("model.norm.weight", reader.read({FINAL_NORM: ((0,), (h,))})[FINAL_NORM])
-        if not arch.tie_word_embeddings:
-            writer.write("lm_head.weight", reader.read({OUTPUT: ((0, 0), (v, h))})[OUTPUT])
-        bar.update()
 
 
-def write_configs(out: Path, arch: LlamaArch, dtype: torch.dtype) -> None:
-    """config.json and generation_config.json; token ids come from the copied tokenizer, as transformers sees it."""
+def write_configs(out: Path, arch: LlamaArch, dtype: torch.dtype, speech_tokenizer=None) -> None:
+    """config.json and generation_config.json; token ids come from the copied tokenizer, as transformers sees it.
+    Both carry `speech_tokenizer` (the manifest's SpeechTokenizerId, null when unknown): decode reads it."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(out))
@@ -89,8 +100,10 @@ def write_configs(out: Path, arch: LlamaArch, dtype: torch.dtype) -> None:
         turn_end = None
     stops = list(dict.fromkeys(i for i in (tokenizer.eos_token_id, turn_end) if i is not None))
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": stops if len(stops) > 1 else next(iter(stops), None)}
-    write_json(out / "config.json", arch.to_hf_config(torch_dtype=str(dtype).removeprefix("torch."), **ids))
-    write_json(out / "generation_config.json", {"_from_model_config": False, **ids, **intended_sampling()})
+    speech = {IDENTITY_KEY: speech_tokenizer.to_dict() if speech_tokenizer is not None else None}
+    write_json(out / "config.json", {**arch.to_hf_config(torch_dtype=str(dtype).removeprefix("torch."), **ids),
+                                     **speech})
+    write_json(out / "generation_config.json", {"_from_model_config": False, **ids, **intended_sampling(), **speech})
 
 
 def intended_sampling() -> dict:
@@ -151,11 +164,22 @@ def convert_megatron_to_hf(megatron_dir: str | Path, out: str | Path, *, dtype: 
         raise CslmError(out, None, None, "already holds a HF checkpoint; choose a new --out directory", kind="io",
                         reason="output_exists")
 
-    write_weights(reader, arch, out, DTYPES[dtype], max_shard_bytes, progress)
-    for name in TOKENIZER_FILES:
-        if (tokenizer_dir / name).exists():
-            shutil.copyfile(tokenizer_dir / name, out / name)
-    write_configs(out, arch, DTYPES[dtype])
-    write_hub_files(out, run_dir, iteration, manifest, tokenizer_dir, command or shlex.join(sys.argv))
+    def small_files() -> None:  # tokenizer, configs, card: seconds of CPU that overlap the weights' I/O
+        for name in TOKENIZER_FILES:
+            if (tokenizer_dir / name).exists():
+                shutil.copyfile(tokenizer_dir / name, out / name)
+        write_configs(out, arch, DTYPES[dtype], manifest.speech_tokenizer)
+        write_hub_files(out, run_dir, iteration, manifest, tokenizer_dir, command or shlex.join(sys.argv))
+
+    make_dirs(out)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-files") as pool:
+        small = pool.submit(small_files)
+        try:
+            write_weights(reader, arch, out, DTYPES[dtype], max_shard_bytes, progress)
+        except BaseException:
+            wait([small])
+            (out / "config.json").unlink(missing_ok=True)  # no weights: the directory may be written again
+            raise
+        small.result()
     return manifest
 

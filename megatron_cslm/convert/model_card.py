@@ -3,8 +3,8 @@
 Everything on the card is read from an artifact, never assumed: the base model and the stages (data sources
 with token counts, hyper-parameters, command lines) from the run directory's `cslm_model.json` lineage, the
 final stage's hyper-parameters from the checkpoint's saved args, the vocabulary layout and specials from the
-exported tokenizer, the sampling from `generation_config.json`, the licence from the notice files that
-travelled with the weights.
+exported tokenizer, the speech tokenizer (name, units/s, codes, weights) from the manifest's `speech_tokenizer`,
+the sampling from `generation_config.json`, the licence from the notice files that travelled with the weights.
 """
 from __future__ import annotations
 
@@ -39,6 +39,15 @@ def _stage_lines(record: dict) -> list[str]:
     return lines
 
 
+def _speech_units(identity) -> str:
+    """What the unit tokens are, from the manifest's speech tokenizer identity (never a default)."""
+    if identity is None:
+        return ("from a speech tokenizer this run did not record: ask its author which one, and at what rate, "
+                "before feeding it units")
+    return (f"`{identity.name}`, {identity.units_per_second:g} units/s of 16 kHz audio, {identity.num_codes} codes, "
+            f"weights {identity.weights}; units of any other tokenizer or rate mean nothing to it")
+
+
 def _vocabulary_line(tokenizer) -> str:
     """Where units and specials sit, as the tokenizer's own vocabulary says (any layout, not only appended)."""
     if tokenizer is None:
@@ -58,8 +67,8 @@ def model_card(manifest: ModelManifest, *, final_args: dict, tokenizer, generati
              "library_name: transformers", "pipeline_tag: text-generation",
              "tags: [speech, speech-language-model, cross-lingual, megatron-core, cslm]", "---", "",
              f"# Cross-lingual speech language model (CSLM) from {base}", "",
-             "A Llama-3.1-architecture causal LM whose vocabulary also holds discrete speech units (CosyVoice S3 "
-             "tokenizer v1, 16 kHz audio, 50 units/s), trained with megatron_cslm in the chain of modality "
+             "A Llama-3.1-architecture causal LM whose vocabulary also holds discrete speech units ("
+             + _speech_units(manifest.speech_tokenizer) + "), trained with megatron_cslm in the chain of modality "
              "(`[question] TQ [answer] TA1 SA1 TA2 SA2 ...`). It loads with `AutoModelForCausalLM` and "
              "`AutoTokenizer`; no custom code.", "",
              "## Model", "",

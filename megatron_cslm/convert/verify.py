@@ -10,9 +10,7 @@ knows the text ids, and prompts containing speech units are skipped for it.
 """
 from __future__ import annotations
 
-import argparse
 import os
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -20,7 +18,6 @@ from typing import Sequence
 import torch
 
 from megatron_cslm.checkpoint.manifest import ModelManifest, resolve_checkpoint
-from megatron_cslm.cli import positive_float
 
 DEFAULT_PROMPTS = (
     "The capital of France is",
@@ -84,14 +81,13 @@ def megatron_logits(run_dir: Path, iteration: int, manifest: ModelManifest,
     from megatron.core import parallel_state
 
     from megatron_cslm.checkpoint.save_load import load_checkpoint
+    from megatron_cslm.models.chunks import build_model_chunks, forward_logits
     from megatron_cslm.models.llama import PrecisionConfig, transformer_config
-    from megatron_cslm.training.setup import build_model
-    from megatron_cslm.training.step import forward_logits
 
     config = transformer_config(manifest.arch, precision=PrecisionConfig(dtype="fp32"),
                                 tensor_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
                                 pipeline_parallel_size=parallel_state.get_pipeline_model_parallel_world_size())
-    model = build_model(manifest.arch, config, manifest.padded_vocab_size, ddp=False)
+    model = build_model_chunks(manifest.arch, config, manifest.padded_vocab_size)
     load_checkpoint(run_dir, iteration, model, None, None, restore_rng=False)
     out = []
     with torch.no_grad():
@@ -134,38 +130,16 @@ def verify(hf_dir: str | Path, megatron_dir: str | Path, prompts: Sequence[str] 
     return VerifyResult(rows, atol, vocab, [p for p, _ in skipped])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_verify(hf_dir: str | Path, megatron_dir: str | Path, prompts: Sequence[str] = DEFAULT_PROMPTS,
                atol: float = DEFAULT_ATOL, device: str = "auto") -> VerifyResult:
     """`verify` in this process alone (TP=PP=1); needs memory for both models in float32."""
     from megatron_cslm.distributed import parallel
+    from megatron_cslm.distributed.ports import free_port
 
     if "WORLD_SIZE" not in os.environ:
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     parallel.initialize(parallel.ParallelConfig(), device=device)
     try:
         return verify(hf_dir, megatron_dir, prompts, atol)
     finally:
         parallel.destroy()
-
-
-def add_verify_args(parser: argparse.ArgumentParser, hf_role: str) -> None:
-    """The `--verify` flags shared by both converter CLIs."""
-    g = parser.add_argument_group("verification")
-    g.add_argument("--verify", action="store_true",
-                   help=f"Compare logits of the {hf_role} HF model and the megatron-core model on a few prompts "
-                        "(float32, TP=PP=1 in this process: needs RAM/GPU memory for two float32 copies).")
-    g.add_argument("--verify-atol", type=positive_float, default=DEFAULT_ATOL,
-                   help="Largest absolute logit difference accepted by --verify.")
-
-
-def verify_exit_code(hf_dir: str | Path, megatron_dir: str | Path, atol: float) -> int:
-    """Run `--verify`, print its table, and return the CLI's exit code (1 when the models disagree)."""
-    result = run_verify(hf_dir, megatron_dir, atol=atol)
-    print(result.table())
-    return 0 if result.ok else 1

@@ -12,12 +12,14 @@ of the following chunk as Llama-3's BPE expects) and the chunks' units concatena
 """
 from __future__ import annotations
 
+import bisect
 import itertools
 import re
 import unicodedata
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from megatron_cslm.speech.runs import unit_runs
 from megatron_cslm.text.language import CJK as _CJK  # scripts without spaces: each character is one word
 
 # A piece is leading whitespace plus one word: a CJK character with any punctuation glued to it, or a run of
@@ -103,19 +105,6 @@ def chunk_text(text: str, target: int = 7, count: Callable[[str], int] = word_co
     return chunks
 
 
-def unit_runs(units: Sequence[int]) -> tuple[list[int], list[int]]:
-    """Merge runs of a repeated unit: (units, durations in frames), e.g. `1 1 2 2 2 3` -> `1 2 3`, `2 3 1`.
-    The durations let a speech decoder restore the timing that deduplication removes."""
-    out, durations = [], []
-    for u in units:
-        if out and out[-1] == u:
-            durations[-1] += 1
-        else:
-            out.append(u)
-            durations.append(1)
-    return out, durations
-
-
 def dedup_units(units: Sequence[int]) -> list[int]:
     """Collapse runs of repeated units (`1 1 2 2 2 3` -> `1 2 3`), as in deduplicated pretraining data."""
     return unit_runs(units)[0]
@@ -125,6 +114,13 @@ def _dedup_positions(units: Sequence[int]) -> list[int]:
     """`pos[i]` = index in `dedup_units(units)` of raw index i (a run split by a cut stays on the left)."""
     run_starts = (int(i == 0 or units[i] != units[i - 1]) for i in range(len(units)))
     return [0, *itertools.accumulate(run_starts)]
+
+
+def raw_to_dedup(durations: Sequence[int], raw: Sequence[int]) -> list[int]:
+    """Indices in deduplicated units (run lengths `durations`, as `unit_runs` gives) of raw frame boundaries `raw`:
+    the number of runs starting before each, so a run cut by a boundary stays on the left, as in `split_units`."""
+    run_starts = list(itertools.accumulate(durations[:-1], initial=0))
+    return [bisect.bisect_left(run_starts, r) for r in raw]
 
 
 def _chunk_starts(chunks: Sequence[str]) -> list[int]:
@@ -238,3 +234,12 @@ def rechunk(chunks: Sequence[AnswerChunk], dedup: bool) -> list[AnswerChunk]:
         acc += len(c.units)
         cuts.append(acc)
     return split_units([c.text for c in chunks], [u for c in chunks for u in c.units], cuts, dedup)
+
+
+CUT_KINDS = ("aligned", "proportional", "pre_chunked")
+
+
+def cut_kind(words: Sequence[dict] | None, chunks: Sequence[AnswerChunk] | None = None) -> str:
+    """How an answer's speech is cut into chunks: at word timestamps (`aligned`, e.g. by `cslm align-words`),
+    proportionally to characters (`proportional`), or not at all (`pre_chunked`: the record gives its chunks)."""
+    return "pre_chunked" if chunks is not None else "aligned" if words else "proportional"

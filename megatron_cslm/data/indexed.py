@@ -9,6 +9,9 @@ Inputs are split into byte-range shards at line boundaries (a .gz file is one sh
 parallel into partial datasets that are concatenated in input order with `IndexedDatasetBuilder.add_index`, so
 the output does not depend on the worker count. Everything is written to temporary names and renamed at the
 end (.bin before .idx), so an existing `<prefix>.idx` always belongs to a complete dataset.
+
+A document holding units may carry ``"speech_tokenizer"`` (build_pretrain_data writes it): all of them must agree
+(the run stops naming both otherwise) and `.meta.json` records the one identity (null for text-only data).
 """
 from __future__ import annotations
 
@@ -31,7 +34,8 @@ import numpy as np
 
 from megatron_cslm.data.metadata import write_dataset_metadata
 from megatron_cslm.errors import CslmError
-from megatron_cslm.fileio import DataError, SkipCounter, parse_json_line, write_json
+from megatron_cslm.fileio import DataError, SkipCounter, make_dirs, parse_json_line, write_json
+from megatron_cslm.speech.identity import IDENTITY_KEY, IdentityJoin
 from megatron_cslm.text.tokenizer import SpeechTextTokenizer
 
 LOSS_MASK_SUFFIX = "_lossmask"
@@ -68,8 +72,10 @@ class DocStats:
     skips: SkipCounter = field(default_factory=SkipCounter)
     uses_loss_mask: bool = False
     max_token_id: int = -1  # recorded in <prefix>.meta.json: training checks ids without reading the .bin
+    speech: IdentityJoin = field(default_factory=IdentityJoin)  # the documents' one speech tokenizer (or none)
 
-    def add(self, ids: np.ndarray, mask: np.ndarray | None, record: dict, tokenizer: SpeechTextTokenizer) -> None:
+    def add(self, ids: np.ndarray, mask: np.ndarray | None, record: dict, tokenizer: SpeechTextTokenizer,
+            path: str | None = None, line: int | None = None) -> None:
         units, specials = tokenizer.count_speech_tokens(ids)  # through the tokenizer's unit layout
         source = record.get("source", "")
         self.skips.written += 1
@@ -84,6 +90,8 @@ class DocStats:
         self.by_lang[record.get("lang", "")] += 1
         if ids.size:
             self.max_token_id = max(self.max_token_id, int(ids.max()))
+        if units:
+            self.speech.add(record.get(IDENTITY_KEY), f"{path}:{line}", path, line)
 
     def merge(self, other: "DocStats") -> None:
         for name in ("documents", "tokens", "text_tokens", "unit_tokens", "special_tokens", "masked_tokens"):
@@ -94,6 +102,7 @@ class DocStats:
         self.skips.merge(other.skips)
         self.uses_loss_mask |= other.uses_loss_mask
         self.max_token_id = max(self.max_token_id, other.max_token_id)
+        self.speech.merge(other.speech)
 
 
 def expand_inputs(patterns: Sequence[str | os.PathLike]) -> list[str]:
@@ -102,7 +111,8 @@ def expand_inputs(patterns: Sequence[str | os.PathLike]) -> list[str]:
     for pattern in map(str, patterns):
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         if not matches or not all(os.path.isfile(m) for m in matches):
-            raise FileNotFoundError(f"input {pattern!r} matches no file")
+            raise DataError(pattern, None, "--input", "matches no file" if glob.has_magic(pattern) else
+                            "not found (or not a file)", reason="missing")
         paths += matches
     return paths
 
@@ -140,12 +150,18 @@ def iter_shard_lines(shard: Shard) -> Iterator[tuple[int, bytes]]:
     opener = gzip.open if shard.path.endswith(".gz") else open
     with opener(shard.path, "rb") as f:
         f.seek(shard.start)
-        pos = shard.start
-        for line, raw in enumerate(f, shard.first_line):
-            if shard.end is not None and pos >= shard.end:
+        pos, line = shard.start, shard.first_line
+        while shard.end is None or pos < shard.end:
+            try:
+                raw = f.readline()
+            except (EOFError, gzip.BadGzipFile, OSError) as e:  # a truncated or corrupt .gz
+                raise DataError(shard.path, line, None, f"unreadable compressed data ({e})",
+                                reason="unreadable") from None
+            if not raw:
                 return
             pos += len(raw)
             yield line, raw
+            line += 1
 
 
 def parse_line(raw: bytes, path: str, line: int) -> dict:
@@ -310,7 +326,7 @@ class _PartWriter:
 def tokenize_shard(shard: Shard, part_prefix: str, tokenizer: SpeechTextTokenizer, append_eod: bool,
                    skip_bad_records: bool, dtype: type) -> DocStats:
     """Tokenize one shard into the partial dataset `part_prefix`; bad records raise CslmError or are counted."""
-    stats = DocStats()
+    stats = DocStats(speech=IdentityJoin(tokenizer.num_units, "the tokenizer (--num-units)"))
     writer = _PartWriter(part_prefix, dtype)
     lines = ((line, raw) for line, raw in iter_shard_lines(shard) if raw.strip())
     while block := list(itertools.islice(lines, BLOCK_RECORDS)):
@@ -322,7 +338,7 @@ def tokenize_shard(shard: Shard, part_prefix: str, tokenizer: SpeechTextTokenize
                 parsed.append((line, e))
         encoded = iter(encode_documents([(n, r) for n, r in parsed if not isinstance(r, CslmError)], tokenizer,
                                         append_eod, dtype, shard.path))
-        for _line, record in parsed:
+        for line, record in parsed:
             stats.skips.read += 1
             result = record if isinstance(record, CslmError) else next(encoded)
             if isinstance(result, CslmError):
@@ -333,7 +349,7 @@ def tokenize_shard(shard: Shard, part_prefix: str, tokenizer: SpeechTextTokenize
             ids, mask = result
             stats.uses_loss_mask |= mask is not None
             writer.add(ids, np.ones(ids.size, dtype=np.uint8) if mask is None else mask)
-            stats.add(ids, mask, record, tokenizer)
+            stats.add(ids, mask, record, tokenizer, shard.path, line)
     writer.finalize()
     return stats
 
@@ -364,7 +380,7 @@ def preprocess(inputs: Sequence[str | os.PathLike], output_prefix: str | os.Path
     paths = expand_inputs(inputs)
     prefix = str(output_prefix)
     out_dir = Path(prefix).parent
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(out_dir)
     if shard_bytes is None and workers > 1:
         shard_bytes = max(1 << 20, sum(os.path.getsize(p) for p in paths) // (8 * workers))
     shards = plan_input_shards(paths, shard_bytes)
@@ -402,7 +418,8 @@ def preprocess(inputs: Sequence[str | os.PathLike], output_prefix: str | os.Path
         shutil.rmtree(tmp, ignore_errors=True)
     result = _stats_dict(stats, paths, prefix, dtype, tokenizer)
     write_json(prefix + ".stats.json", result)
-    write_dataset_metadata(prefix, tokenizer, stats.max_token_id, documents=stats.documents, tokens=stats.tokens)
+    write_dataset_metadata(prefix, tokenizer, stats.max_token_id, documents=stats.documents, tokens=stats.tokens,
+                           speech_tokenizer=stats.speech.identity)
     return result
 
 
@@ -416,5 +433,6 @@ def _stats_dict(stats: DocStats, paths: list[str], prefix: str, dtype: type, tok
         "by_source": {k: {"documents": v, "tokens": stats.tokens_by_source[k]} for k, v in
                       sorted(stats.by_source.items())},
         "by_lang": dict(sorted(stats.by_lang.items())),
+        IDENTITY_KEY: stats.speech.identity.to_dict() if stats.speech.identity else None,
         **stats.skips.as_dict(),
     }

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from megatron_cslm.errors import CslmError
 from megatron_cslm.fileio import atomic_path
 
 if TYPE_CHECKING:  # megatron-core is imported where it is used: its package import costs seconds (torch.compile
@@ -182,7 +183,8 @@ def _read_unpacked(src_prefix: str) -> tuple[IndexedDataset, IndexedDataset]:
 
     tokens, modality = IndexedDataset(src_prefix), IndexedDataset(modality_prefix(src_prefix))
     if not np.array_equal(tokens.sequence_lengths, modality.sequence_lengths):
-        raise ValueError(f"{src_prefix}: token and modality datasets differ in sample lengths")
+        raise CslmError(src_prefix, None, None, "token and modality datasets differ in sample lengths",
+                        reason="corrupt")
     return tokens, modality
 
 
@@ -251,13 +253,15 @@ class PackedSFTDataset(torch.utils.data.Dataset):
         self.tokens, self.modality = _read_unpacked(self.prefix)
         self.doc = np.asarray(self.tokens.document_indices, dtype=np.int64)
         if not np.array_equal(self.doc, self.modality.document_indices):
-            raise ValueError(f"{prefix}: token and modality datasets differ in bin boundaries")
+            raise CslmError(prefix, None, None, "token and modality datasets differ in bin boundaries",
+                            reason="corrupt")
         lengths = self.tokens.sequence_lengths.astype(np.int64)
         if len(lengths):
             fill = np.add.reduceat(lengths - 1, self.doc[:-1]) if len(self.doc) > 1 else np.zeros(0)
             if fill.size and fill.max() > seq_length:
-                raise ValueError(f"{prefix}: a bin holds {int(fill.max())} positions > seq_length {seq_length}; "
-                                 "it was packed for a longer sequence")
+                raise CslmError.compat(f"a bin holds {int(fill.max())} positions > --seq-length {seq_length}; it "
+                                       "was packed for a longer sequence (repack, or train at its length)", prefix,
+                                       "--seq-length")
         stats = Path(f"{prefix}.stats.json")  # written by build_sft_data; absent for bare pack_dataset output
         self.packed_seq_length = json.loads(stats.read_text())["seq_length"] if stats.exists() else None
         most = int(np.diff(self.doc).max()) + 1 if len(self.doc) > 1 else 1

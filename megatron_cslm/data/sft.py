@@ -20,11 +20,16 @@ Each assistant turn is laid out as (`[question] TQ` dropped with ``with_tq=False
 inside the Llama-3.1 chat format. Loss is on the assistant side only; every trained token carries its
 modality (TQ, TA, SA; markers belong to what they open, ``<|eot_id|>`` counts as TA), so the training loop can
 weight modalities from the mask alone. Untrained tokens have modality 0 ("none").
+
+A record may carry ``"speech_tokenizer"`` (speech/identity.py, as units files and the toy corpus write it): the
+records of one SFT set must agree (the build stops naming both otherwise) and `.meta.json` records the identity;
+records without one are accepted with a warning.
 """
 from __future__ import annotations
 
 import re
 import tempfile
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -33,11 +38,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from megatron_cslm.data.chunking import AnswerChunk, chunk_answer, dedup_units, rechunk, word_count
+from megatron_cslm.data.chunking import AnswerChunk, chunk_answer, cut_kind, dedup_units, rechunk, word_count
 from megatron_cslm.data.metadata import write_dataset_metadata
 from megatron_cslm.data.packing import MODALITIES, modality_prefix, pack_dataset, token_dtype
 from megatron_cslm.errors import CslmError
-from megatron_cslm.fileio import SkipCounter, iter_jsonl, write_json
+from megatron_cslm.fileio import SkipCounter, iter_jsonl, make_dirs, write_json
+from megatron_cslm.speech.identity import IDENTITY_KEY, IdentityJoin
 from megatron_cslm.text import chat
 from megatron_cslm.text.markup import MarkupError, bare_speech, parse_unit_span, split_speech
 from megatron_cslm.text.tokenizer import SpecialTokens, SpeechTextTokenizer
@@ -365,8 +371,10 @@ def build_sft_data(inputs: Sequence[str | Path], tokenizer: SpeechTextTokenizer,
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder  # lazy: see data/packing.py
 
     output_prefix = Path(output_prefix)
-    output_prefix.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(output_prefix.parent)
     counter = SkipCounter()
+    answer_cuts: Counter[str] = Counter()  # answers cut at word timestamps / proportionally / pre-chunked
+    speech_ids = IdentityJoin(tokenizer.num_units, "the tokenizer (--num-units)")
     with tempfile.TemporaryDirectory(dir=output_prefix.parent, prefix=f".{output_prefix.name}.unpacked.") as tmp:
         src = str(Path(tmp) / "samples")
         tokens = IndexedDatasetBuilder(src + ".bin", dtype=token_dtype(tokenizer.vocab_size))
@@ -379,26 +387,33 @@ def build_sft_data(inputs: Sequence[str | Path], tokenizer: SpeechTextTokenizer,
                                      disable=not progress):
                 counter.read += 1
                 try:
-                    sample = encoder.encode(parse_record(record, tokenizer.num_units, tokenizer.specials,
-                                                         config.default_lang))
+                    conv = parse_record(record, tokenizer.num_units, tokenizer.specials, config.default_lang)
+                    sample = encoder.encode(conv)
                 except CslmError as e:
                     if not skip_bad_records:
                         raise e.located(path, line) from None
                     counter.skip(e.reason, str(e.located(path, line)))
                     continue
+                if tokenizer.count_speech_tokens(sample.tokens)[0]:
+                    speech_ids.add(record.get(IDENTITY_KEY), f"{path}:{line}", path, line)
                 tokens.add_item(torch.from_numpy(sample.tokens))
                 max_token_id = max(max_token_id, int(sample.tokens.max()) if sample.tokens.size else -1)
                 modality.add_item(torch.from_numpy(sample.modality))
                 tokens.end_document()
                 modality.end_document()
+                if config.layout == "interleaved":  # how each answer's speech was cut (chunking.cut_kind)
+                    answer_cuts.update(cut_kind(a.words, a.chunks) for _, a in conv.turns)
         tokens.finalize(src + ".idx")
         modality.finalize(modality_prefix(src) + ".idx")
         stats = pack_dataset(src, str(output_prefix), seq_length, overlong, seed, progress=progress)
+    stats["answer_cuts"] = dict(answer_cuts)
     for reason, count in stats["dropped"].items():
         counter.skipped[reason] += count
     counter.written = stats["samples"]
-    stats = {"records": counter.as_dict(), **stats, "config": {**asdict(config), "inputs": [str(p) for p in inputs],
-                                                               "vocab_size": tokenizer.vocab_size}}
+    stats = {"records": counter.as_dict(), **stats,
+             IDENTITY_KEY: speech_ids.identity.to_dict() if speech_ids.identity else None,
+             "config": {**asdict(config), "inputs": [str(p) for p in inputs], "vocab_size": tokenizer.vocab_size}}
     write_json(str(output_prefix) + ".stats.json", stats)
-    write_dataset_metadata(output_prefix, tokenizer, max_token_id, samples=stats["samples"], bins=stats["bins"])
+    write_dataset_metadata(output_prefix, tokenizer, max_token_id, speech_ids.identity, samples=stats["samples"],
+                           bins=stats["bins"])
     return stats

@@ -13,18 +13,45 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megatron_cslm.argtypes import check_settings, positive_int, setting
 from megatron_cslm.distributed import cpu_mode
 from megatron_cslm.distributed.quiet import gloo_connection_lines_hidden
+from megatron_cslm.errors import CslmError
 
 
 @dataclass(frozen=True)
 class ParallelConfig:
     """Parallel layout. data_parallel_size is derived: world / (TP x PP x CP)."""
 
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    context_parallel_size: int = 1
-    virtual_pipeline_model_parallel_size: int | None = None
+    # each field is a training flag (argtypes.setting; training/arguments.py generates the flags)
+    tensor_model_parallel_size: int = setting(1, "tensor-parallel size (TP)", type=positive_int)
+    pipeline_model_parallel_size: int = setting(1, "pipeline-parallel size (PP)", type=positive_int)
+    context_parallel_size: int = setting(1, "context-parallel size (CP)", type=positive_int)
+    virtual_pipeline_model_parallel_size: int | None = setting(
+        None, "model chunks per pipeline rank for megatron-core's interleaved 1F1B schedule (a smaller pipeline "
+              "bubble at PP > 2; micro-batches per step must be a multiple of PP)", type=positive_int)
+    num_layers_per_virtual_pipeline_stage: int | None = setting(  # resolved to the virtual size by `virtual_size`
+        None, "Megatron-LM's other spelling of the interleaved schedule: layers per model chunk (virtual size = "
+              "layers / (PP x this))", type=positive_int)
+
+    def __post_init__(self):
+        check_settings(self)
+
+    def virtual_size(self, num_layers: int) -> int | None:
+        """Model chunks per pipeline rank (None: one), from either Megatron-LM flag; they must agree."""
+        per_stage = self.num_layers_per_virtual_pipeline_stage
+        if per_stage is None:
+            return self.virtual_pipeline_model_parallel_size
+        pp = self.pipeline_model_parallel_size
+        if num_layers % (pp * per_stage):
+            raise CslmError.usage(f"--num-layers-per-virtual-pipeline-stage {per_stage}: {num_layers} layers do not "
+                             f"split into PP {pp} x chunks of {per_stage}")
+        vpp = num_layers // (pp * per_stage)
+        if self.virtual_pipeline_model_parallel_size not in (None, vpp):
+            raise CslmError.usage(f"--virtual-pipeline-model-parallel-size {self.virtual_pipeline_model_parallel_size} "
+                             f"disagrees with --num-layers-per-virtual-pipeline-stage {per_stage} ({vpp} chunks "
+                             f"of {num_layers} layers at PP {pp})")
+        return vpp
 
     @property
     def model_parallel_size(self) -> int:
@@ -34,7 +61,7 @@ class ParallelConfig:
         """Check the layout fits the world size and return DP."""
         mp = self.model_parallel_size
         if world_size % mp:
-            raise ValueError(
+            raise CslmError.usage(
                 f"world size {world_size} is not divisible by TP x PP x CP = {self.tensor_model_parallel_size} x "
                 f"{self.pipeline_model_parallel_size} x {self.context_parallel_size} = {mp}; launch a multiple of "
                 f"{mp} processes or change the parallel sizes")
@@ -50,10 +77,10 @@ def resolve_device(device: str) -> str:
         cpu_mode.enable()
     elif device == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("no CUDA device is visible; pass --device cpu to run megatron-core in CPU mode "
+            raise CslmError.usage("no CUDA device is visible; pass --device cpu to run megatron-core in CPU mode "
                                "(gloo; for debugging and CI)")
     else:
-        raise ValueError(f"--device must be one of auto, cuda, cpu; got {device!r}")
+        raise CslmError.usage(f"--device must be one of auto, cuda, cpu; got {device!r}")
     return device
 
 
@@ -78,8 +105,6 @@ def initialize(parallel: ParallelConfig, device: str = "auto", seed: int = 1234,
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     parallel.data_parallel_size(world_size)  # fail early, before any collective
-    if parallel.virtual_pipeline_model_parallel_size and device == "cpu":
-        raise ValueError("virtual pipeline parallelism is not supported in --device cpu mode")
     with gloo_connection_lines_hidden():  # one '[Gloo] Rank r is connected' line per group and rank
         _create_groups(parallel, device, world_size, rank, timeout_minutes)
     seed_everything(seed)
@@ -108,6 +133,16 @@ def _create_groups(parallel: ParallelConfig, device: str, world_size: int, rank:
             # groups are gloo already
             create_gloo_process_groups=device == "cuda",
         )
+
+
+def use_virtual_pipeline(size: int | None) -> None:
+    """Tell megatron-core the interleaved schedule's chunk count when it was derived after the groups were made
+    (from --num-layers-per-virtual-pipeline-stage and the model's layer count)."""
+    from megatron.core import parallel_state
+
+    if size and parallel_state.get_virtual_pipeline_model_parallel_world_size() != size:
+        parallel_state.set_virtual_pipeline_model_parallel_world_size(size)
+        parallel_state.set_virtual_pipeline_model_parallel_rank(0)
 
 
 def seed_everything(seed: int) -> None:

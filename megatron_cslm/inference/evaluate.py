@@ -4,6 +4,11 @@ Per model (e.g. the interleaved CSLM model and a sequential baseline answering t
 same seeds) it reports per-item figures and means: tokens and seconds to the first complete speech chunk,
 TA/SA lengths, the off-target language ratio of the text answer, the TQ transcript's WER/CER against the
 reference transcript, and, given an ASR command, WER/CER of the spoken answer against the text answer.
+
+The paper's scores (`add_speech_scores`) come on top: WER/CER between the text answer and an ASR transcript of
+the spoken answer's audio, its UTMOS, and a judge model's 1-5 score of the text answer. Every item keeps its
+own scores, and a scorer's per-item failure (a judge error) is recorded on that item, never raised. Means are
+over the items that have the score; the counts say how many.
 """
 from __future__ import annotations
 
@@ -14,9 +19,10 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 from statistics import mean
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from megatron_cslm.data.sft import SFTEncoder
+from megatron_cslm.inference.asr import Wave
 from megatron_cslm.inference.generate import Response, SpeechLM
 from megatron_cslm.inference.inputs import Question
 from megatron_cslm.inference.latency import summarize
@@ -92,6 +98,41 @@ def evaluate(questions: Sequence[Question], responses: Sequence[Response], answe
     return {"summary": summary, "items": items}
 
 
+def add_speech_scores(report: dict, questions: Sequence[Question], waves: Mapping[str, Wave] | None = None,
+                      asr: Callable[[Sequence[Wave]], list[str]] | None = None,
+                      utmos: Callable[[Sequence[Wave]], list[float]] | None = None, judge=None) -> dict:
+    """Add ASR (of `waves`, {item id: waveform}), UTMOS and judge scores to `report` in place; returns it.
+
+    `judge` has ``score(question, answer) -> {"score", "error", "cached"}`` (`inference.judge.Judge`); the
+    question it sees is the reference transcript, or the model's TQ when there is none.
+    """
+    items, by_id = report["items"], {q.id: q for q in questions}
+    heard = [row for row in items if waves and row["id"] in waves]
+    if asr is not None and heard:
+        for row, text in zip(heard, asr([waves[row["id"]] for row in heard]), strict=True):
+            row["asr_transcript"] = text
+            row["asr_error"] = error_rates([row["ta"]], [text])
+    if utmos is not None and heard:
+        for row, mos in zip(heard, utmos([waves[row["id"]] for row in heard]), strict=True):
+            row["utmos"] = mos
+    if judge is not None:
+        for row in items:
+            if not row["ta"].strip():
+                row["judge"] = {"score": None, "error": "no text answer", "cached": False}
+                continue
+            row["judge"] = judge.score(by_id[row["id"]].reference or row["tq"], row["ta"])
+    s = report["summary"]
+    with_asr = [(row["ta"], row["asr_transcript"]) for row in items if "asr_transcript" in row]
+    s["asr_error"] = error_rates(*zip(*with_asr)) if with_asr else s.get("asr_error")
+    s["items_with_audio"] = len(heard) if waves is not None else s.get("items_with_audio")
+    s["mean_utmos"] = _mean([row.get("utmos") for row in items])
+    judged = [row["judge"] for row in items if "judge" in row]
+    s["mean_judge_score"] = _mean([j["score"] for j in judged])
+    s["judge_scored"] = sum(j["score"] is not None for j in judged) if judged else None
+    s["judge_errors"] = sum(j["error"] is not None for j in judged) if judged else None
+    return report
+
+
 _ROWS = [  # (label, getter over a summary)
     ("items", lambda s: s["items"]),
     ("items with speech", lambda s: s["items_with_speech"]),
@@ -107,6 +148,10 @@ _ROWS = [  # (label, getter over a summary)
     ("off-target answer language", lambda s: s["off_target_ratio"]),
     ("TQ WER / CER", lambda s: s["tq_error"] and _pair(s["tq_error"]["wer"], s["tq_error"]["cer"])),
     ("ASR WER / CER of SA vs TA", lambda s: s["asr_error"] and _pair(s["asr_error"]["wer"], s["asr_error"]["cer"])),
+    ("UTMOS", lambda s: s.get("mean_utmos")),
+    ("judge score (1-5)", lambda s: s.get("mean_judge_score")),
+    ("judge scored / errors", lambda s: s.get("judge_scored") is not None
+     and _pair(s["judge_scored"], s["judge_errors"]) or None),
     ("parse warnings", lambda s: ", ".join(f"{k}={v}" for k, v in s["warnings"].items()) or "none"),
 ]
 
@@ -137,6 +182,55 @@ def render_markdown(reports: dict[str, dict]) -> str:
             cells.append("-" if row is None or row["first_speech_tokens"] is None
                          else f"{row['first_speech_tokens']} ({_fmt(row['first_speech_s'])})")
         lines.append(f"| {qid} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+_ITEM_COLUMNS = [  # (label, getter over an item row): the per-item scores of one model
+    ("TQ CER", lambda r: r.get("tq_error") and r["tq_error"]["cer"]),
+    ("off-target", lambda r: r["off_target"]),
+    ("first speech tokens", lambda r: r["first_speech_tokens"]),
+    ("ASR WER", lambda r: r.get("asr_error") and r["asr_error"]["wer"]),
+    ("ASR CER", lambda r: r.get("asr_error") and r["asr_error"]["cer"]),
+    ("UTMOS", lambda r: r.get("utmos")),
+    ("judge", lambda r: r.get("judge") and (r["judge"]["score"] if r["judge"]["error"] is None
+                                            else f"error: {r['judge']['error'][:60]}")),
+]
+
+
+def render_model_markdown(label: str, report: dict) -> str:
+    """One model's table: its summary, then every item's scores (judge errors shown on their item)."""
+    lines = [f"## {label}", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {name} | {_fmt(get(report['summary']))} |" for name, get in _ROWS]
+    lines += ["", "| id | " + " | ".join(name for name, _ in _ITEM_COLUMNS) + " |",
+              "|---|" + "---|" * len(_ITEM_COLUMNS)]
+    for row in report["items"]:
+        cells = [_fmt(get(row)).replace("|", "/") for _, get in _ITEM_COLUMNS]
+        lines.append(f"| {row['id']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+PAPER_COLUMNS = [  # (column, getter over a summary): the paper's table, one row per model
+    ("judge (1-5)", lambda s: s.get("mean_judge_score")),
+    ("UTMOS", lambda s: s.get("mean_utmos")),
+    ("ASR-WER", lambda s: s.get("asr_error") and s["asr_error"]["wer"]),
+    ("ASR-CER", lambda s: s.get("asr_error") and s["asr_error"]["cer"]),
+    ("off-target", lambda s: s["off_target_ratio"]),
+    ("first speech (tokens)", lambda s: s["mean_first_speech_tokens"]),
+]
+
+
+def paper_table(reports: dict[str, dict]) -> list[dict]:
+    """Side-by-side rows, one per model, with the paper's columns (None where a score was not computed)."""
+    return [{"model": label, **{name: get(r["summary"]) for name, get in PAPER_COLUMNS}}
+            for label, r in reports.items()]
+
+
+def render_paper_markdown(reports: dict[str, dict]) -> str:
+    rows = paper_table(reports)
+    lines = ["| model | " + " | ".join(name for name, _ in PAPER_COLUMNS) + " |",
+             "|---|" + "---|" * len(PAPER_COLUMNS)]
+    lines += [f"| {row['model']} | " + " | ".join(_fmt(row[name]) for name, _ in PAPER_COLUMNS) + " |"
+              for row in rows]
     return "\n".join(lines) + "\n"
 
 

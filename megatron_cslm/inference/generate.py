@@ -71,6 +71,9 @@ class SpeechLM:
         """
         from transformers import AutoModelForCausalLM
 
+        from megatron_cslm.inference.inputs import exported_model_config
+
+        exported_model_config(path)  # one line naming what the directory is, not transformers' traceback
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,

@@ -77,3 +77,65 @@ def read_benchmark_list(path: str | os.PathLike, audio_dir: str | os.PathLike | 
         text = row.get("text")
         questions.append(Question(qid, str(audio), audio=audio, reference=text.strip() if text else None))
     return questions
+
+
+def exported_model_config(model_dir: str | os.PathLike, option: str = "--model-name-or-path") -> dict:
+    """The config.json of an exported (Hugging Face) model directory, or one `checkpoint` error naming what the
+    directory is instead (a Megatron run directory, or no model at all): checked before any model or audio work."""
+    import json
+
+    from megatron_cslm.errors import CslmError
+
+    model_dir = Path(model_dir)
+    path = model_dir / "config.json"
+    if not path.is_file():
+        what = ("a Megatron run directory: export it first (checkpoints_convert/megatron_to_hf.py)"
+                if (model_dir / "cslm_model.json").exists() else "not an exported model (no config.json)")
+        raise CslmError(model_dir, None, option, what, kind="checkpoint", reason="missing")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(path, None, None, f"not a JSON config ({e})") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise CslmError(path, None, "model_type", "missing: not a Hugging Face model config", kind="checkpoint",
+                        reason="missing")
+    return config
+
+
+def model_speech_tokenizer(model_dir: str | os.PathLike):
+    """The speech tokenizer an exported model records in its config.json (`speech_tokenizer`, written by the
+    export from cslm_model.json): None when it records none (a foreign checkpoint, or unknown at training)."""
+    from megatron_cslm.speech.identity import IDENTITY_KEY, parse_identity
+
+    return parse_identity(exported_model_config(model_dir).get(IDENTITY_KEY), Path(model_dir) / "config.json")
+
+
+def resolve_speech_tokenizer(flag: str | None, weights: str | os.PathLike | None, models: dict[str, str]):
+    """The S3 tokenizer to turn audio questions into units for `models` ({flag: model dir}): the one they record,
+    checked against `--speech-tokenizer` (`flag`) and the weights given (None: random-init, seed 0) before any
+    net is built or audio read. A model with no record needs `flag`. Returns (name, identity or None)."""
+    from megatron_cslm.errors import CslmError
+    from megatron_cslm.speech.identity import S3_TOKENIZERS, IdentityJoin, check_same, s3_identity
+
+    join = IdentityJoin()
+    for option, model in models.items():
+        recorded = model_speech_tokenizer(model)
+        if recorded is None and flag is None:
+            raise CslmError.usage(f"{option} {model} records no speech tokenizer (a foreign checkpoint?): pass "
+                                  f"--speech-tokenizer, one of {sorted(S3_TOKENIZERS)}", "--speech-tokenizer")
+        if recorded is not None:
+            join.add(recorded, f"{option} {model}", Path(model) / "config.json")
+    recorded = join.identity
+    if recorded is not None and flag is not None and recorded.name != flag:
+        raise CslmError.compat(f"{join.where} was trained on units of {recorded.describe()} but --speech-tokenizer "
+                               f"is {flag}: its units would mean nothing to the model (drop the flag to use the "
+                               "model's)", field="--speech-tokenizer")
+    name = flag or recorded.name
+    if name not in S3_TOKENIZERS:
+        raise CslmError.compat(f"{join.where} was trained on units of {recorded.describe()}, not an S3 tokenizer's: "
+                               "audio cannot be tokenized for it; give its questions as units (--unit)",
+                               field="--manifest")
+    if recorded is not None:
+        check_same(recorded, join.where, s3_identity(name, weights), "the S3 tokenizer given (--tokenizer-weights "
+                   "/ --random-init)")
+    return name, recorded

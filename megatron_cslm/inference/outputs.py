@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from megatron_cslm.fileio import DataError, atomic_open, write_json
+from megatron_cslm.fileio import DataError, atomic_open, make_dirs, write_json
 from megatron_cslm.inference.durations import expand_units
 from megatron_cslm.inference.generate import Response
 from megatron_cslm.inference.inputs import Question
@@ -77,7 +77,7 @@ def _append_lines(path: Path, lines: list[str]) -> None:
 def append_outputs(output_dir: str | os.PathLike, records: Sequence[dict]) -> None:
     """Append `records` (from `make_record`) to the three output files."""
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out)
     write_json(out / RESPONSES, _read_list(out / RESPONSES) + [responses_entry(r) for r in records])
     _append_lines(out / RECORDS, [json.dumps(r, ensure_ascii=False) for r in records])
     _append_lines(out / UNITS, [" ".join(map(str, r["speech_units"])) for r in records])

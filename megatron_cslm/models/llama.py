@@ -260,13 +260,13 @@ def transformer_config(arch: LlamaArch, *, tensor_parallel_size: int = 1, pipeli
     check_parallel_fit(arch, tensor_parallel_size, pipeline_parallel_size, virtual_pipeline_size)
     on_gpu = torch.cuda.is_available()
     if precision.fp8 and spec != "te":
-        raise ValueError("FP8 training needs Transformer Engine on a CUDA GPU (pip install -e .[gpu]); it is "
+        raise CslmError.usage("FP8 training needs Transformer Engine on a CUDA GPU (pip install -e .[gpu]); it is "
                          "not installed or no GPU is visible. Drop --fp8-format to train in BF16/FP32.")
     if sequence_parallel and spec != "te":
-        raise ValueError("--sequence-parallel needs Transformer Engine (or apex) norms on a GPU; the local torch "
+        raise CslmError.usage("--sequence-parallel needs Transformer Engine (or apex) norms on a GPU; the local torch "
                          "spec used here (CPU mode or no TE) does not support it")
     if sequence_parallel and tensor_parallel_size == 1:
-        raise ValueError("--sequence-parallel requires tensor-model-parallel-size > 1")
+        raise CslmError.usage("--sequence-parallel requires tensor-model-parallel-size > 1")
     dtype = precision.torch_dtype()
     return TransformerConfig(
         num_layers=arch.num_layers,
@@ -287,6 +287,10 @@ def transformer_config(arch: LlamaArch, *, tensor_parallel_size: int = 1, pipeli
         tensor_model_parallel_size=tensor_parallel_size,
         pipeline_model_parallel_size=pipeline_parallel_size,
         virtual_pipeline_model_parallel_size=virtual_pipeline_size,
+        # Batched isend/irecv (Megatron-LM's default, NCCL) on gloo delivers a batch's messages out of order:
+        # the interleaved schedule's stages then received another micro-batch's activations on CPU (its
+        # losses differed from PP=1's). Plain paired send/recv there.
+        batch_p2p_comm=on_gpu,
         sequence_parallel=sequence_parallel,
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import struct
 from dataclasses import dataclass
 
@@ -19,7 +20,8 @@ from megatron_cslm.errors import CslmError
 
 SAMPLE_RATE = 16000
 REJECT_REASONS = ("unreadable", "wrong_format", "truncated", "empty", "silent", "too_short", "too_long",
-                  "past_end", "rate_mismatch", "missing_audio")
+                  "past_end", "rate_mismatch", "missing_audio", "missing_recording")
+CAUSE_CHARS = 200  # a reject's cause is one short line; decoders' messages run to kilobytes (tried backends, ...)
 
 
 class AudioRejected(CslmError):
@@ -31,6 +33,17 @@ class AudioRejected(CslmError):
     def __init__(self, reason: str, detail: str):
         super().__init__(None, None, None, f"{reason}: {detail}", reason=reason)
         self.detail = detail
+
+
+def cause_line(error: BaseException, limit: int = CAUSE_CHARS) -> str:
+    """`Type: first line of the message`, cut to `limit` characters: what a rejects TSV or an error line shows.
+
+    A first line that only announces details ("Reading audio from '<file>' failed. Details:", Lhotse's audio
+    errors) gives way to the next one, and `<class 'a.b.Name'>` is shortened to `Name`."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    first = lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0] if lines else ""
+    text = re.sub(r"<class '(?:[\w.]+\.)?(\w+)'>", r"\1", f"{type(error).__name__}: {first}".rstrip(": "))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,7 @@
-"""The CosyVoice S3 speech tokenizer (4,096 codes), batched by length on CPU or GPU.
+"""The CosyVoice S3 speech tokenizers (v1 50/s and v1_25hz 25/s: 4,096 codes; v2_25hz: 6,561), batched by length.
+
+Every extractor has an `identity` (speech/identity.py: name, rate, codes, weights digest or random-init seed) that
+the units it writes carry, so later joins can refuse units of another codebook.
 
 Waveforms are 16 kHz mono. A batch holds as many length-sorted waveforms as fit a padded-frame budget
 (`batch_seconds`), which is where the speed comes from: batch 1 leaves the matrix units idle on short clips.
@@ -16,11 +19,19 @@ from typing import Iterator, Sequence
 
 import torch
 
+from megatron_cslm.speech.identity import (
+    DEFAULT_S3_TOKENIZER,
+    S3_TOKENIZERS,
+    SpeechTokenizerId,
+    random_init_tag,
+    weights_digest,
+)
+
 log = logging.getLogger(__name__)
 
 HOP = 160  # mel hop in samples: 100 mel frames per second
 MAX_WINDOW_FRAMES = 3000  # 30 s: the S3 encoder's positional context
-UNITS_PER_SECOND = {"speech_tokenizer_v1": 50, "speech_tokenizer_v1_25hz": 25}
+UNITS_PER_SECOND = {name: rate for name, (rate, _) in S3_TOKENIZERS.items()}
 MAX_PAD_RATIO = 1.1  # longest / shortest item in a batch: at most ~10% of a batch's frames are padding
 AUTOCAST_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -42,18 +53,38 @@ def load_s3_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def s3_codebook_size(model: str) -> int:
     """Codes of the S3 tokenizer `model`, from the architecture config its net is built from: known before the
     ~120M-parameter net is built or its weights read, so a model with another unit count is refused at once."""
-    from s3tokenizer.model import ModelConfig
-
     if model not in UNITS_PER_SECOND:
         raise ValueError(f"unknown S3 tokenizer {model!r}; choose from {sorted(UNITS_PER_SECOND)}")
-    return ModelConfig().n_codebook_size
+    return _config(model).n_codebook_size
+
+
+def _config(model: str):
+    """s3tokenizer's architecture config of `model` (v2 nets have their own module and 3**8 FSQ codes)."""
+    if "v2" in model:
+        from s3tokenizer.model_v2 import ModelConfig
+
+        return ModelConfig(use_sdpa=True, n_codebook_size=3 ** 8)
+    from s3tokenizer.model import ModelConfig
+
+    return ModelConfig(use_sdpa=True)
+
+
+def _build_net(model: str) -> torch.nn.Module:
+    if "v2" in model:
+        from s3tokenizer.model_v2 import S3TokenizerV2
+
+        return S3TokenizerV2(model, _config(model))
+    from s3tokenizer.model import S3Tokenizer
+
+    return S3Tokenizer(model, _config(model))
 
 
 class UnitExtractor:
     """Batched S3 tokenizer on CPU or GPU.
 
     Args:
-        model: "speech_tokenizer_v1" (50 units/s) or "speech_tokenizer_v1_25hz" (25 units/s).
+        model: "speech_tokenizer_v1" (50 units/s), "speech_tokenizer_v1_25hz" (25 units/s, the default, as the
+            paper) or "speech_tokenizer_v2_25hz" (CosyVoice 2: 25 units/s, 6,561 codes).
         weights: ONNX / .pt / .safetensors weights; None requires `random_init` (tests and debugging only).
         batch_seconds: padded audio seconds per forward pass (bounds memory).
         window_frames, overlap_frames: long-audio windows in 10 ms mel frames (30 s / 4 s).
@@ -61,12 +92,10 @@ class UnitExtractor:
             in a few frames, so the label records it and resume refuses to mix).
     """
 
-    def __init__(self, model: str = "speech_tokenizer_v1", weights: str | os.PathLike | None = None,
+    def __init__(self, model: str = DEFAULT_S3_TOKENIZER, weights: str | os.PathLike | None = None,
                  random_init: bool = False, device: str | torch.device = "cpu", batch_seconds: float = 300.0,
                  window_frames: int = MAX_WINDOW_FRAMES, overlap_frames: int = 400, seed: int = 0,
                  precision: str = "fp32"):
-        from s3tokenizer.model import ModelConfig, S3Tokenizer
-
         if model not in UNITS_PER_SECOND:
             raise ValueError(f"unknown S3 tokenizer {model!r}; choose from {sorted(UNITS_PER_SECOND)}")
         if (weights is None) == (not random_init):
@@ -82,17 +111,21 @@ class UnitExtractor:
         self.batch_frames = int(batch_seconds * 100)
         self.window, self.overlap = window_frames, overlap_frames
         torch.manual_seed(seed)
-        net = S3Tokenizer(model, ModelConfig(use_sdpa=True))
+        net = _build_net(model)
         if random_init:
             log.warning("%s is RANDOMLY INITIALISED: its units are meaningless (tests/debugging only)", model)
-            # Unit-norm codes: the quantizer compares normalised features by Euclidean distance, so random codes
-            # of unequal norm would all lose to the shortest one and every frame would get the same unit.
-            embed = net.quantizer._codebook.embed
-            embed.copy_(torch.nn.functional.normalize(torch.randn_like(embed), dim=-1))
+            embed = getattr(net.quantizer._codebook, "embed", None)
+            if embed is not None:  # v1's vector quantizer (v2's FSQ has no codebook to fill)
+                # Unit-norm codes: the quantizer compares normalised features by Euclidean distance, so random
+                # codes of unequal norm would all lose to the shortest one and every frame would get one unit.
+                embed.copy_(torch.nn.functional.normalize(torch.randn_like(embed), dim=-1))
             self.label = f"{model}+random-init"
+            weights_id = random_init_tag(seed)
         else:
             net.load_state_dict(load_s3_state_dict(weights), strict=True)
             self.label = model
+            weights_id = weights_digest(weights)
+        self.identity = SpeechTokenizerId.s3(model, weights_id)
         if precision not in AUTOCAST_DTYPES:
             raise ValueError(f"precision {precision!r}: choose from {sorted(AUTOCAST_DTYPES)}")
         if precision != "fp32":

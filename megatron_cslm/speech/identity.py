@@ -89,6 +89,18 @@ def random_init_tag(seed: int) -> str:
     return f"random-init:seed={int(seed)}"
 
 
+def s3_identity(name: str, weights: str | os.PathLike | None = None, seed: int = 0) -> SpeechTokenizerId:
+    """S3 tokenizer `name` with the weight file `weights` (hashed; a recorded tag, ``sha256:...`` or
+    ``random-init:seed=N``, is taken as it is), or randomly initialised with `seed` when `weights` is None."""
+    if weights is None:
+        tag = random_init_tag(seed)
+    elif str(weights).startswith(("sha256:", "random-init:seed=")):
+        tag = str(weights)
+    else:
+        tag = weights_digest(weights)
+    return SpeechTokenizerId.s3(name, tag)
+
+
 def parse_identity(value, where: str | os.PathLike | None = None) -> SpeechTokenizerId | None:
     """The identity stored in an artifact (a dict, or None for text-only / legacy artifacts)."""
     if value is None:
@@ -132,3 +144,53 @@ def warn_legacy(where: str | os.PathLike) -> None:
     """An artifact from before speech tokenizer identities: accepted, once, with a warning."""
     log.warning("%s records no speech tokenizer (written before identities were recorded): it is accepted, "
                 "but nothing checks that its units come from the same codebook as the rest", where)
+
+
+class IdentityJoin:
+    """The one speech tokenizer of a stream of records or artifacts being joined (documents into a `.bin`, units
+    files into documents or SFT records, datasets into a blend).
+
+    `add` keeps the first known identity and where it came from and stops, naming both, at any other
+    (`check_same`). An item without one is text-only (`has_speech=False`: joins with anything) or legacy (warned
+    once per source). With `num_units`, the identity's code count must equal it (the vocabulary's unit block).
+    Parsed identities are cached by value: a corpus repeats the same dict on every line.
+    Picklable, so per-process joins `merge` into one."""
+
+    def __init__(self, num_units: int | None = None, units_where: str = "the tokenizer"):
+        self.identity: SpeechTokenizerId | None = None
+        self.where: str | None = None
+        self.num_units, self.units_where = num_units, units_where  # the unit count the identity must have
+        self.legacy: set[str] = set()
+        self._parsed: dict = {}
+
+    def add(self, value, where: str, path: str | os.PathLike | None = None, line: int | None = None,
+            has_speech: bool = True) -> SpeechTokenizerId | None:
+        if value is None:
+            source = str(path if path is not None else where)
+            if has_speech and source not in self.legacy:
+                self.legacy.add(source)
+                warn_legacy(source)
+            return None
+        try:
+            key = tuple(sorted(value.items())) if isinstance(value, Mapping) else value
+            ident = self._parsed.get(key)
+        except TypeError:  # unhashable: let parse_identity name the problem
+            key, ident = None, None
+        if ident is None:
+            ident = parse_identity(value, path)
+            if key is not None:
+                self._parsed[key] = ident
+        if self.identity is None:
+            if self.num_units is not None and ident.num_codes != self.num_units:
+                raise CslmError(path, line, IDENTITY_KEY, f"{where} has units of {ident.describe()} but "
+                                f"{self.units_where} has {self.num_units} units: they must be equal",
+                                kind="compat", reason="speech_tokenizer_mismatch")
+            self.identity, self.where = ident, where
+        else:
+            check_same(self.identity, self.where, ident, where, path, line)
+        return ident
+
+    def merge(self, other: "IdentityJoin") -> None:
+        if other.identity is not None:
+            self.add(other.identity, other.where)
+        self.legacy |= other.legacy

@@ -6,6 +6,11 @@ Layout beside the output `units.jsonl`:
     units.jsonl.parts/part-RRRRR-of-WWWWW.stats.json    written when rank R is done: its counts and speed
     units.jsonl.parts/part-RRRRR-of-WWWWW.progress      items rank R has handled (rank 0's global progress bar)
 
+A rank's run (`tokenize_rank`) is a pipeline of one-job parts: `PendingItems` (its items not yet done, ids checked
+unique) -> `decoded_chunks` (forked decode workers, chunks prefetched) -> `extract_chunk` (units, records,
+rejects) -> `ChunkWriter` (appends and fsyncs, counts, writes rejects and stats). `tokenize_speech` runs it and
+merges (`merge_parts`).
+
 Invariants:
 - Item k of the source belongs to rank k mod W. That split does not depend on what is already done, so every
   rank computes the same split without talking to the others, and a rank only ever appends its own items.
@@ -21,6 +26,7 @@ import collections
 import contextlib
 import datetime
 import fcntl
+import itertools
 import json
 import logging
 import multiprocessing
@@ -29,14 +35,16 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Container, Iterable, Iterator
 
 import numpy as np
+import torch
 
-from megatron_cslm.data.chunking import unit_runs
 from megatron_cslm.fileio import DataError, SkipCounter, atomic_open, write_json
 from megatron_cslm.speech.audio import SAMPLE_RATE, AudioLimits, AudioRejected, to_16k
 from megatron_cslm.speech.extract import UnitExtractor
+from megatron_cslm.speech.identity import IDENTITY_KEY, SpeechTokenizerId
+from megatron_cslm.speech.runs import unit_runs
 from megatron_cslm.speech.sources import SpeechItem, source_size
 
 log = logging.getLogger(__name__)
@@ -44,15 +52,17 @@ REJECTS_HEADER = "id\taudio\treason\tdetail\n"
 
 
 @dataclass(frozen=True)
-class Shard:
-    """This process's place in the job: rank `rank` of `world`; `distributed` when torch.distributed is used."""
+class JobRank:
+    """This process's place in the job: rank `rank` of `world`; `distributed` when torch.distributed is used.
+
+    (Not data/indexed.py's `Shard`, a byte range of an input file.)"""
 
     rank: int = 0
     world: int = 1
     distributed: bool = False
 
     @classmethod
-    def resolve(cls, shard_index: int | None = None, num_shards: int | None = None) -> "Shard":
+    def resolve(cls, shard_index: int | None = None, num_shards: int | None = None) -> "JobRank":
         """From torchrun's RANK/WORLD_SIZE, or the SLURM-array form --shard-index K --num-shards N."""
         env_world = int(os.environ.get("WORLD_SIZE", "1"))
         if shard_index is not None or num_shards is not None:
@@ -159,8 +169,10 @@ def _id_and_tokenizer(line: bytes, path: Path, number: int) -> tuple[str, str | 
     return rec["id"], rec.get("tokenizer")
 
 
-def unit_record(item: SpeechItem, units: list[int], num_samples: int, dedup: bool, label: str) -> dict:
-    """One output line: the item's metadata, its units (run-length merged with `dedup`) and bookkeeping."""
+def unit_record(item: SpeechItem, units: list[int], num_samples: int, dedup: bool, label: str,
+                identity: SpeechTokenizerId | None = None) -> dict:
+    """One output line: the item's metadata, its units (run-length merged with `dedup`) and bookkeeping, with the
+    speech tokenizer's identity (`speech_tokenizer`, after `tokenizer`: every later join compares it)."""
     rec = {"id": item.id, "audio": item.audio, "text": item.text, "lang": item.lang, "speaker": item.speaker,
            **item.extra}
     if dedup:
@@ -170,25 +182,29 @@ def unit_record(item: SpeechItem, units: list[int], num_samples: int, dedup: boo
         rec["units"] = units
     rec.update(num_frames=len(units), sample_rate=SAMPLE_RATE, tokenizer=label,
                duration_s=round(num_samples / SAMPLE_RATE, 4))
+    if identity is not None:
+        rec[IDENTITY_KEY] = identity.to_dict()
     return rec
 
 
-# Decode workers are forked after the source is opened and inherit it here (nothing heavy is pickled per item
-# except what the item carries itself).
-_WORKER_SOURCE = None
-_WORKER_LIMITS = AudioLimits()
+# A decode worker's source and limits, set by the pool's initializer in the worker process itself (forked: the
+# source is inherited, never pickled); the parent process never touches it.
+_WORKER_STATE: dict = {}
 
 
-def _init_worker() -> None:
-    import torch
-
+def _init_worker(source, limits: AudioLimits) -> None:
     torch.set_num_threads(1)
+    _WORKER_STATE.update(source=source, limits=limits)
 
 
-def _decode(item: SpeechItem) -> np.ndarray | AudioRejected:
-    """Worker side: decode, check and resample one item; returns the rejection instead of raising."""
+def _decode_in_worker(item: SpeechItem) -> np.ndarray | AudioRejected:
+    return decode_item(_WORKER_STATE["source"], item, _WORKER_STATE["limits"])
+
+
+def decode_item(source, item: SpeechItem, limits: AudioLimits) -> np.ndarray | AudioRejected:
+    """Decode, check and resample one item to 16 kHz; returns the rejection instead of raising."""
     try:
-        audio, rate = _WORKER_SOURCE.load(item, _WORKER_LIMITS)
+        audio, rate = source.load(item, limits)
         return to_16k(audio, rate).numpy()
     except AudioRejected as e:
         return e
@@ -196,7 +212,7 @@ def _decode(item: SpeechItem) -> np.ndarray | AudioRejected:
         return AudioRejected("unreadable", f"{type(e).__name__}: {e}")
 
 
-def _chunks(items: Iterator[SpeechItem], size: int) -> Iterator[list[SpeechItem]]:
+def _chunks(items: Iterable[SpeechItem], size: int) -> Iterator[list[SpeechItem]]:
     chunk: list[SpeechItem] = []
     for item in items:
         chunk.append(item)
@@ -205,6 +221,67 @@ def _chunks(items: Iterator[SpeechItem], size: int) -> Iterator[list[SpeechItem]
             chunk = []
     if chunk:
         yield chunk
+
+
+class PendingItems:
+    """This rank's items that no part file or merged output holds yet, in source order (an iterable).
+
+    Checks that ids are unique over the whole source (every rank reads all of it) and counts in `already` the
+    rank's items that are done."""
+
+    def __init__(self, source, written: Container[str], rank: JobRank):
+        self.source, self.written, self.rank = source, written, rank
+        self.already = 0
+
+    def __iter__(self) -> Iterator[SpeechItem]:
+        seen: set[str] = set()
+        for item in self.source:
+            if item.id in seen:
+                raise DataError(getattr(self.source, "where", "source"), item.index, "id",
+                                f"duplicate id {item.id!r}")
+            seen.add(item.id)
+            if item.index % self.rank.world != self.rank.rank:
+                continue
+            if item.id in self.written:
+                self.already += 1
+                continue
+            yield item
+
+
+def decoded_chunks(items: Iterable[SpeechItem], source, limits: AudioLimits, workers: int = 0,
+                   chunk_items: int = 64, prefetch_chunks: int = 2) -> Iterator[tuple[list[SpeechItem], list]]:
+    """(chunk, its waves or AudioRejected per item) in order: `workers` forked processes decode up to
+    `prefetch_chunks` chunks ahead of the consumer (0: in this process). The pool ends with the generator."""
+    chunks = _chunks(items, chunk_items)
+    if workers <= 0:
+        for chunk in chunks:
+            yield chunk, [decode_item(source, item, limits) for item in chunk]
+        return
+    pool = multiprocessing.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(source, limits))
+    try:
+        pending: collections.deque = collections.deque()
+        for chunk in itertools.islice(chunks, max(1, prefetch_chunks)):
+            pending.append((chunk, pool.map_async(_decode_in_worker, chunk)))
+        while pending:
+            chunk, result = pending.popleft()
+            decoded = result.get()
+            following = next(chunks, None)
+            if following is not None:
+                pending.append((following, pool.map_async(_decode_in_worker, following)))
+            yield chunk, decoded
+    finally:
+        pool.terminate()
+
+
+def extract_chunk(extractor: UnitExtractor, chunk: list[SpeechItem], decoded: list, dedup: bool
+                  ) -> tuple[list[dict], list[tuple[SpeechItem, AudioRejected]], float]:
+    """Unit records of a chunk's decoded items, its rejects, and the seconds of audio tokenized."""
+    good = [(item, wave) for item, wave in zip(chunk, decoded) if not isinstance(wave, AudioRejected)]
+    rejects = [(item, wave) for item, wave in zip(chunk, decoded) if isinstance(wave, AudioRejected)]
+    unit_lists = extractor([torch.from_numpy(wave) for _, wave in good])
+    records = [unit_record(item, units, wave.size, dedup, extractor.label, getattr(extractor, "identity", None))
+               for (item, wave), units in zip(good, unit_lists)]
+    return records, rejects, sum(wave.size for _, wave in good) / SAMPLE_RATE
 
 
 def speed(audio_seconds: float, wall_seconds: float) -> dict:
@@ -218,7 +295,7 @@ def speed(audio_seconds: float, wall_seconds: float) -> dict:
 class _Progress:
     """tqdm on rank 0 with counts summed over all ranks' progress files; other ranks only write theirs."""
 
-    def __init__(self, files: PartFiles, output: Path, shard: Shard, total: int | None, enabled: bool):
+    def __init__(self, files: PartFiles, output: Path, shard: JobRank, total: int | None, enabled: bool):
         from tqdm import tqdm
 
         self.files, self.shard, self.done = files, shard, 0
@@ -240,93 +317,80 @@ class _Progress:
         self.bar.close()
 
 
-def tokenize_shard(source, output: str | os.PathLike, extractor: UnitExtractor, shard: Shard = Shard(),
-                   workers: int = 0, dedup: bool = False, limits: AudioLimits = AudioLimits(),
-                   chunk_items: int = 64, prefetch_chunks: int = 2, progress: bool = True) -> dict:
+class ChunkWriter:
+    """Appends a rank's records to its part file chunk by chunk (whole lines, flushed and fsynced: a crash loses
+    at most the chunk being written); counts read = written + rejected (by reason) and keeps the rejects, which
+    `finish` writes with the stats (the rank's "done" marker)."""
+
+    def __init__(self, files: PartFiles):
+        self.files = files
+        self.counter, self.rejected, self.audio_seconds = SkipCounter(), [], 0.0
+        self.clipped_to_end = 0  # written records whose span was clipped to the recording's end (sources.py)
+        self.out = None
+
+    def __enter__(self) -> "ChunkWriter":
+        self.out = open(self.files.units, "a", encoding="utf-8")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.out.close()
+
+    def write(self, records: list[dict], rejects: list[tuple[SpeechItem, AudioRejected]], audio_seconds: float
+              ) -> None:
+        self.counter.read += len(records) + len(rejects)
+        for item, rejected in rejects:
+            self.counter.skip(rejected.reason, f"{item.id}: {rejected.detail}")
+            self.rejected.append((item.id, item.audio, rejected.reason, rejected.detail))
+        self.out.writelines(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records)
+        self.out.flush()
+        os.fsync(self.out.fileno())
+        self.counter.written += len(records)
+        self.audio_seconds += audio_seconds
+        self.clipped_to_end += sum("clipped_to_end_s" in rec for rec in records)
+
+    def finish(self, rank: JobRank, already: int, wall_seconds: float, label: str) -> dict:
+        with atomic_open(self.files.rejects) as f:
+            f.write(REJECTS_HEADER)
+            f.writelines("\t".join(str(c).replace("\t", " ").replace("\n", " ") for c in r) + "\n"
+                         for r in self.rejected)
+        stats = {"rank": rank.rank, "world": rank.world, **self.counter.as_dict(), "already_done": already,
+                 "clipped_to_end": self.clipped_to_end,
+                 **speed(self.audio_seconds, wall_seconds), "tokenizer": label}
+        write_json(self.files.stats, stats)
+        return stats
+
+
+def tokenize_rank(source, output: str | os.PathLike, extractor: UnitExtractor, rank: JobRank = JobRank(),
+                  workers: int = 0, dedup: bool = False, limits: AudioLimits = AudioLimits(),
+                  chunk_items: int = 64, prefetch_chunks: int = 2, progress: bool = True) -> dict:
     """Tokenize this rank's items that are not done yet into its part file; returns (and writes) its stats.
 
-    `workers` forked processes decode and resample up to `prefetch_chunks` chunks ahead of the model; the model
-    sees each chunk as one length-sorted batch set. Read = written + rejected (by reason) for this run.
+    Pending items -> decode pipeline (`workers` forked processes, `prefetch_chunks` chunks ahead) -> the extractor
+    (each chunk one length-sorted batch set) -> the chunk writer. Read = written + rejected (by reason), this run.
     """
-    global _WORKER_SOURCE, _WORKER_LIMITS
-
     output = Path(output)
-    files = PartFiles(output, shard.rank, shard.world)
+    files = PartFiles(output, rank.rank, rank.world)
     files.dir.mkdir(parents=True, exist_ok=True)
     for stale in (files.stats, files.rejects, files.progress):
         stale.unlink(missing_ok=True)
     drop_partial_tail(files.units)
     written = written_index(output, extractor.label)
+    pending = PendingItems(source, written, rank)
     total = source_size(source)
-    already = 0
-    seen: set[str] = set()
-
-    def own_items() -> Iterator[SpeechItem]:
-        nonlocal already
-        for item in source:
-            if item.id in seen:
-                raise DataError(getattr(source, "where", "source"), item.index, "id", f"duplicate id {item.id!r}")
-            seen.add(item.id)
-            if item.index % shard.world != shard.rank:
-                continue
-            if item.id in written:
-                already += 1
-                continue
-            yield item
-
-    counter, rejected = SkipCounter(), []
-    audio_seconds = 0.0
     started = time.perf_counter()
-    _WORKER_SOURCE, _WORKER_LIMITS = source, limits
-    pool = multiprocessing.get_context("fork").Pool(workers, initializer=_init_worker) if workers > 0 else None
-    bar = _Progress(files, output, shard, None if total is None else max(0, total - len(written)), progress)
-    try:
-        chunks = _chunks(own_items(), chunk_items)
-        pending: collections.deque = collections.deque()
-
-        def submit() -> None:
-            chunk = next(chunks, None)
-            if chunk is not None:
-                pending.append((chunk, pool.map_async(_decode, chunk) if pool else [_decode(it) for it in chunk]))
-
-        for _ in range(max(1, prefetch_chunks if pool else 1)):
-            submit()
-        with open(files.units, "a", encoding="utf-8") as out:
-            while pending:
-                chunk, result = pending.popleft()
-                decoded = result.get() if pool else result
-                submit()
-                counter.read += len(chunk)
-                good = []
-                for item, wave in zip(chunk, decoded):
-                    if isinstance(wave, AudioRejected):
-                        counter.skip(wave.reason, f"{item.id}: {wave.detail}")
-                        rejected.append((item.id, item.audio, wave.reason, wave.detail))
-                    else:
-                        good.append((item, wave))
-                import torch
-
-                unit_lists = extractor([torch.from_numpy(wave) for _, wave in good])
-                recs = [unit_record(item, units, wave.size, dedup, extractor.label)
-                        for (item, wave), units in zip(good, unit_lists)]
-                out.writelines(json.dumps(rec, ensure_ascii=False) + "\n" for rec in recs)
-                out.flush()  # whole lines per chunk, synced: a crash loses at most this chunk
-                os.fsync(out.fileno())
-                counter.written += len(recs)
-                audio_seconds += sum(wave.size for _, wave in good) / SAMPLE_RATE
+    bar = _Progress(files, output, rank, None if total is None else max(0, total - len(written)), progress)
+    chunks = decoded_chunks(pending, source, limits, workers, chunk_items, prefetch_chunks)
+    with contextlib.closing(chunks), ChunkWriter(files) as writer:
+        try:
+            for chunk, decoded in chunks:
+                writer.write(*extract_chunk(extractor, chunk, decoded, dedup))
                 bar.update(len(chunk))
-    finally:
-        bar.close()
-        if pool:
-            pool.terminate()
-    with atomic_open(files.rejects) as f:
-        f.write(REJECTS_HEADER)
-        f.writelines("\t".join(str(c).replace("\t", " ").replace("\n", " ") for c in r) + "\n" for r in rejected)
-    stats = {"rank": shard.rank, "world": shard.world, **counter.as_dict(), "already_done": already,
-             **speed(audio_seconds, time.perf_counter() - started), "tokenizer": extractor.label}
-    write_json(files.stats, stats)  # the rank's "done" marker
-    log.info("rank %d/%d: %s, %.3f h of audio, RTF %s", shard.rank, shard.world, counter.summary(),
-             stats["audio_hours"], stats["rtf"])
+        finally:
+            bar.close()
+    stats = writer.finish(rank, pending.already, time.perf_counter() - started, extractor.label)
+    (log.info if rank.world > 1 else log.debug)(  # one process: the tool prints the same totals as its summary
+        "rank %d/%d: %s, %.3f h of audio, RTF %s", rank.rank, rank.world, writer.counter.summary(),
+        stats["audio_hours"], stats["rtf"])
     return stats
 
 
@@ -390,7 +454,7 @@ def merge_parts(source, output: str | os.PathLike, label: str, world: int,
             part.examples.update(s["first_example_per_reason"])
             totals.merge(part)
         stats = {**totals.as_dict(), "already_done": sum(s["already_done"] for s in per_rank),
-                 "output_records": lines,
+                 "output_records": lines, "clipped_to_end": sum(s.get("clipped_to_end", 0) for s in per_rank),
                  **speed(sum(s["audio_seconds"] for s in per_rank), max(s["wall_seconds"] for s in per_rank)),
                  "tokenizer": label, "world": world, "per_rank": per_rank}
         write_json(output.with_name(output.name + ".stats.json"), stats)
@@ -398,7 +462,7 @@ def merge_parts(source, output: str | os.PathLike, label: str, world: int,
         return stats
 
 
-def init_distributed(shard: Shard) -> None:
+def init_distributed(shard: JobRank) -> None:
     """gloo process group for the final barrier (no tensors move); ranks may finish hours apart."""
     import torch.distributed as dist
 
@@ -406,12 +470,12 @@ def init_distributed(shard: Shard) -> None:
         dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
 
 
-def tokenize_speech(source, output: str | os.PathLike, extractor: UnitExtractor, shard: Shard = Shard(),
+def tokenize_speech(source, output: str | os.PathLike, extractor: UnitExtractor, shard: JobRank = JobRank(),
                     rejects: str | os.PathLike | None = None, **options) -> dict:
     """Run this rank's share, then merge: after a barrier on rank 0 under torchrun, or by whichever independent
     shard finds every item done. Returns the merged stats, or this rank's with "merged": False."""
     init_distributed(shard)
-    stats = tokenize_shard(source, output, extractor, shard, **options)
+    stats = tokenize_rank(source, output, extractor, shard, **options)
     if shard.distributed:
         import torch.distributed as dist
 

@@ -30,22 +30,25 @@ from typing import Iterable, Literal, Sequence
 import numpy as np
 
 from megatron_cslm.errors import CslmError
-from megatron_cslm.fileio import DataError, atomic_path, write_json
-from megatron_cslm.text.chat import END_OF_TEXT, LLAMA31_CHAT_TEMPLATE
+from megatron_cslm.fileio import atomic_path, write_json
+from megatron_cslm.text.backends import (
+    CHAT_TEMPLATE_FILE,
+    HFTextBackend,
+    SentencePieceBackend,
+    incompatible,
+    open_backend,
+)
+from megatron_cslm.text.chat import LLAMA31_CHAT_TEMPLATE
 from megatron_cslm.text.markup import SpecialTokens
-from megatron_cslm.text.units import UNIT_LIKE, UNIT_TOKEN, UnitLayout, UnitListError, check_units, unit_token
+from megatron_cslm.text.units import UNIT_TOKEN, UnitLayout, UnitListError, check_units, unit_token
+from megatron_cslm.text.vocabulary import Vocabulary, resolve_vocabulary
 
-__all__ = ["LLAMA31_CHAT_TEMPLATE", "META_FILE", "Segment", "SpecialTokens", "SpeechTextTokenizer"]
+__all__ = ["CHAT_TEMPLATE_FILE", "LLAMA31_CHAT_TEMPLATE", "META_FILE", "Segment", "SpecialTokens",
+           "SpeechTextTokenizer"]
 
 logger = logging.getLogger(__name__)
 META_FILE = "cslm_tokenizer.json"
 META_FORMAT = 2
-DEFAULT_NUM_UNITS = 4096  # CosyVoice S3 tokenizer v1
-CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers >= 4.43 saves a tokenizer's chat template
-
-
-def _incompatible(path: str | Path, message: str, field: str | None = None) -> DataError:
-    return DataError(path, None, field, message, kind="compat", reason="incompatible")
 
 
 @dataclass
@@ -55,144 +58,6 @@ class Segment:
     kind: Literal["text", "units"]
     text: str = ""
     units: list[int] = field(default_factory=list)
-
-
-class _HFText:
-    """Hugging Face `tokenizers` backend (tokenizer.json); base specials such as <|eot_id|> are its added tokens."""
-
-    markers: dict[str, int] = {}  # the tokenizer parses its own specials
-
-    def __init__(self, path: Path, ours: frozenset[str]):
-        from tokenizers import Tokenizer
-
-        self.path = path
-        self.tok = Tokenizer.from_file(str(path))
-        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
-        decoder = self.tok.get_added_tokens_decoder()
-        # From the file, not the loaded tokenizer: `tokenizers` silently keeps one of two entries with the same
-        # content, and which id the model learned for it is then unknowable (see find_speech_tokens).
-        spec = json.loads(path.read_text(encoding="utf-8"))
-        raw = spec.get("added_tokens") or []
-        self.added = sorted((int(t["id"]), t["content"]) for t in raw)
-        # Units and specials are cut out of the text before BPE, so text is encoded by a copy without them:
-        # matching thousands of added tokens in every text piece would cost more than the BPE itself.
-        text_only = [t for t in raw if t["content"] not in ours and not UNIT_LIKE.fullmatch(t["content"])]
-        self.encoder = self.tok if len(text_only) == len(raw) else \
-            Tokenizer.from_str(json.dumps({**spec, "added_tokens": text_only}))
-        self.special_added = frozenset(i for i, t in decoder.items() if t.special)
-        config = path.parent / "tokenizer_config.json"
-        self.config = json.loads(config.read_text(encoding="utf-8")) if config.exists() else {}
-        template = path.parent / CHAT_TEMPLATE_FILE
-        self.chat_template = self.config.get("chat_template") or (
-            template.read_text(encoding="utf-8") if template.exists() else None)
-        self.eod_id = self._first_id(END_OF_TEXT, self._config_token("eos_token"), "</s>")
-        if self.eod_id is None:
-            raise _incompatible(path, "cannot find an end-of-document token (<|end_of_text|>, eos_token or </s>)")
-        self.bos_id = self._first_id("<|begin_of_text|>", self._config_token("bos_token"), "<s>")
-
-    def _config_token(self, key: str) -> str | None:
-        value = self.config.get(key)
-        return value.get("content") if isinstance(value, dict) else value
-
-    def _first_id(self, *tokens: str | None) -> int | None:
-        ids = [self.tok.token_to_id(t) for t in tokens if t is not None]
-        return next((i for i in ids if i is not None), None)
-
-    def piece(self, token_id: int) -> str:
-        return self.tok.id_to_token(token_id) or ""
-
-    def token_id(self, content: str) -> int | None:
-        return self.tok.token_to_id(content)
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        if len(texts) == 1:
-            return [self.encoder.encode(texts[0], add_special_tokens=False).ids]
-        return [e.ids for e in self.encoder.encode_batch(texts, add_special_tokens=False)]
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=False)
-
-
-class _SPText:
-    """SentencePiece backend. It drops control pieces (<s>, </s>) when decoding and never produces them from
-    text, so they are `markers`: rendered and parsed by SpeechTextTokenizer like its own specials. A
-    SentencePiece model holds no added tokens, so its units and specials are always appended."""
-
-    added: list[tuple[int, str]] = []
-    chat_template = None
-
-    def __init__(self, path: Path):
-        import sentencepiece as spm
-
-        self.path = path
-        self.sp = spm.SentencePieceProcessor(model_file=str(path))
-        self.vocab_size = self.sp.get_piece_size()
-        self.markers = {self.sp.id_to_piece(i): i for i in range(self.vocab_size) if self.sp.is_control(i)}
-        self.special_added = frozenset(self.markers.values())
-        if self.sp.eos_id() < 0:
-            raise _incompatible(path, "SentencePiece model has no eos piece to use as end-of-document")
-        self.eod_id = self.sp.eos_id()
-        self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
-
-    def piece(self, token_id: int) -> str:
-        return self.sp.id_to_piece(token_id)
-
-    def token_id(self, content: str) -> int | None:
-        token_id = self.sp.piece_to_id(content)
-        return None if token_id == self.sp.unk_id() and content != self.sp.id_to_piece(token_id) else token_id
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.sp.encode(texts, out_type=int)
-
-    def decode(self, ids: list[int]) -> str:
-        return self.sp.decode(ids)
-
-
-def find_speech_tokens(added: Iterable[tuple[int, str]], specials: SpecialTokens,
-                       where: str | Path) -> tuple[dict[int, int], dict[str, int]]:
-    """Unit -> id and special -> id among a vocabulary's added tokens, (id, content) in id order.
-
-    Refuses, naming the first offending token: a duplicated token, a second spelling of a unit (``<012>``)
-    and a partial unit set (``<12>`` missing among ``<0>``..``<N-1>``).
-    """
-    ours = set(specials.as_list())
-    seen: dict[str, int] = {}
-    units: dict[int, int] = {}
-    found: dict[str, int] = {}
-    for token_id, content in added:
-        like = UNIT_LIKE.fullmatch(content)
-        if like is None and content not in ours:
-            continue
-        if content in seen:
-            raise _incompatible(where, f"token {content!r} is duplicated (ids {seen[content]} and {token_id}): "
-                                       "which one the model learned is ambiguous")
-        seen[content] = token_id
-        if content in ours:
-            found[content] = token_id
-        elif not UNIT_TOKEN.fullmatch(content):
-            k = int(like.group(1))
-            raise _incompatible(where, f"unit token {content!r} (id {token_id}) is a second spelling of unit {k} "
-                                       f"(expected {unit_token(k)!r}): the unit set is ambiguous")
-        else:
-            units[int(like.group(1))] = token_id
-    if units and len(units) != max(units) + 1:
-        missing = next(k for k in range(max(units) + 1) if k not in units)
-        raise _incompatible(where, f"the unit set is partial: {unit_token(missing)!r} is missing ({len(units)} unit "
-                                   f"tokens up to {unit_token(max(units))!r})")
-    return units, found
-
-
-def _resolve(text_tokenizer: str | Path) -> Path:
-    path = Path(text_tokenizer)
-    if path.is_dir():
-        for name in ("tokenizer.json", "tokenizer.model"):
-            if (path / name).exists():
-                return path / name
-        raise DataError(path, None, None, "no tokenizer.json or tokenizer.model in this directory",
-                        kind="compat", reason="unreadable")
-    if not path.exists():
-        raise DataError(path, None, None, "tokenizer file not found", kind="compat", reason="unreadable")
-    return path
 
 
 class SpeechTextTokenizer:
@@ -209,43 +74,21 @@ class SpeechTextTokenizer:
 
     def __init__(self, text_tokenizer: str | Path, num_units: int | None = None,
                  specials: SpecialTokens = SpecialTokens()):
-        if num_units is not None and num_units <= 0:
-            raise ValueError(f"num_units must be positive, got {num_units}")
         self.specials = specials
-        path = _resolve(text_tokenizer)
-        self.text = _HFText(path, frozenset(specials.as_list())) if path.suffix == ".json" else _SPText(path)
+        self.text = open_backend(text_tokenizer, frozenset(specials.as_list()))
+        path = self.text.path
         self.base_vocab_size = self.text.vocab_size  # ids the text tokenizer's own files define
-        units, found = find_speech_tokens(self.text.added, specials, path)
-        self.units_in_vocabulary = bool(units)
-        for content, token_id in [*((unit_token(k), i) for k, i in units.items()), *found.items()]:
-            if self.text.token_id(content) != token_id:
-                raise _incompatible(path, f"token {content!r} is duplicated (ids {token_id} and "
-                                          f"{self.text.token_id(content)}): which one the model learned is ambiguous")
-        next_id = self.base_vocab_size
-        if units:
-            if num_units is not None and num_units != len(units):
-                raise _incompatible(path, f"the vocabulary holds {len(units)} unit tokens "
-                                          f"({unit_token(0)}..{unit_token(len(units) - 1)}), but num_units is "
-                                          f"{num_units}", "num_units")
-            unit_ids = np.array([units[k] for k in range(len(units))], dtype=np.int64)
-        else:
-            count = DEFAULT_NUM_UNITS if num_units is None else num_units
-            unit_ids = np.arange(next_id, next_id + count, dtype=np.int64)
-            next_id += count
-        special_ids = []
-        for s in specials.as_list():
-            if s in found:
-                special_ids.append(found[s])
-            else:
-                special_ids.append(next_id)
-                next_id += 1
-        self.vocab_size = next_id
-        self.layout = UnitLayout(unit_ids, self.vocab_size)
+        vocab = resolve_vocabulary(self.base_vocab_size, self.text.added, specials, num_units, path)
+        self.units_in_vocabulary = vocab.units_in_vocabulary
+        self._check_lookups_agree(vocab, path)
+        self.vocab_size = vocab.vocab_size
+        self.layout = UnitLayout(vocab.unit_ids, self.vocab_size)
         self.num_units = self.layout.num_units
+        special_ids = list(vocab.special_ids)
         self.sosp_id, self.eosp_id, self.question_id, self.answer_id = special_ids
-        if units and next_id > self.base_vocab_size:
+        if vocab.units_in_vocabulary and vocab.appended_specials:
             logger.warning("%s holds speech units but not %s: appended at ids %d..%d", path,
-                           [s for s in specials.as_list() if s not in found], self.base_vocab_size, next_id - 1)
+                           list(vocab.appended_specials), self.base_vocab_size, self.vocab_size - 1)
         self.eod_id, self.bos_id = self.text.eod_id, self.text.bos_id
         ours = set(special_ids)
         self._control_ids = frozenset(i for i in self.text.special_added
@@ -257,8 +100,19 @@ class SpeechTextTokenizer:
         alts = [re.escape(s) for s in sorted(self._marker_ids, key=len, reverse=True)]
         self._marker_re = re.compile("|".join(alts + [UNIT_TOKEN.pattern]))
         self._identity: dict | None = None
-        if isinstance(self.text, _HFText):
+        if isinstance(self.text, HFTextBackend):
             self._check_backend_agrees(path)
+
+    def _check_lookups_agree(self, vocab: Vocabulary, path: Path) -> None:
+        """The backend's own lookup finds each unit and special at the id its added-token list gives (a
+        duplicated entry that the library silently collapsed would not)."""
+        held = [(unit_token(k), int(i)) for k, i in enumerate(vocab.unit_ids)] if vocab.units_in_vocabulary else []
+        held += [(s, i) for s, i in zip(self.specials.as_list(), vocab.special_ids)
+                 if s not in vocab.appended_specials]
+        for content, token_id in held:
+            if self.text.token_id(content) != token_id:
+                raise incompatible(path, f"token {content!r} is duplicated (ids {token_id} and "
+                                         f"{self.text.token_id(content)}): which one the model learned is ambiguous")
 
     def _check_backend_agrees(self, path: Path) -> None:
         """Tokens the text tokenizer itself holds must encode as it encodes them (an added token with lstrip,
@@ -271,7 +125,7 @@ class SpeechTextTokenizer:
         theirs = self.text.tok.encode(probe, add_special_tokens=False).ids
         ours = self.encode_text(probe)
         if theirs != ours:
-            raise _incompatible(path, f"{probe!r} encodes to {theirs} through the tokenizer but to {ours} as "
+            raise incompatible(path, f"{probe!r} encodes to {theirs} through the tokenizer but to {ours} as "
                                       "separate tokens: its speech tokens strip or normalise surrounding text")
 
     # ------------------------------------------------------------------------------------------ loading
@@ -286,7 +140,7 @@ class SpeechTextTokenizer:
         if not meta_path.exists():
             tok = cls(path)
             if not tok.units_in_vocabulary:
-                raise _incompatible(path, f"holds no speech unit tokens ({unit_token(0)}...) and no {META_FILE}: "
+                raise incompatible(path, f"holds no speech unit tokens ({unit_token(0)}...) and no {META_FILE}: "
                                           "a plain text tokenizer; extend it with SpeechTextTokenizer(path) or "
                                           "SpeechTextTokenizer.load(path, num_units)")
             return tok
@@ -303,7 +157,7 @@ class SpeechTextTokenizer:
         if (Path(path) / META_FILE).exists():
             tok = cls.from_pretrained(path)
             if num_units is not None and tok.num_units != num_units:
-                raise _incompatible(path, f"holds {tok.num_units} units, but num_units is {num_units}", "num_units")
+                raise incompatible(path, f"holds {tok.num_units} units, but num_units is {num_units}", "num_units")
             return tok
         return cls(path, num_units)
 
@@ -323,7 +177,7 @@ class SpeechTextTokenizer:
                                                                            offset + meta["num_units"] + 4)))}
         read = self._cache()
         if meta["vocab_size"] != read["vocab_size"]:
-            raise _incompatible(where, f"says {meta['vocab_size']} ids, the vocabulary has {read['vocab_size']}",
+            raise incompatible(where, f"says {meta['vocab_size']} ids, the vocabulary has {read['vocab_size']}",
                                 "vocab_size")
         cached = meta["unit_ids"]
         cached_ids = (np.arange(cached["offset"], cached["offset"] + self.num_units) if "offset" in cached
@@ -333,11 +187,11 @@ class SpeechTextTokenizer:
                      min(cached_ids.size, self.num_units))
             said = int(cached_ids[k]) if k < cached_ids.size else "no id"
             has = int(self.layout.ids[k]) if k < self.num_units else "no id"
-            raise _incompatible(where, f"says unit {unit_token(k)} is id {said}, the vocabulary has {has}",
+            raise incompatible(where, f"says unit {unit_token(k)} is id {said}, the vocabulary has {has}",
                                 "unit_ids")
         for name, token_id in meta["special_ids"].items():
             if read["special_ids"].get(name) != token_id:
-                raise _incompatible(where, f"says {name} is id {token_id}, the vocabulary has "
+                raise incompatible(where, f"says {name} is id {token_id}, the vocabulary has "
                                            f"{read['special_ids'].get(name)}", "special_ids")
 
     # ------------------------------------------------------------------------------------------ ids
@@ -553,7 +407,7 @@ class SpeechTextTokenizer:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         meta = self._cache()
-        if isinstance(self.text, _SPText):
+        if isinstance(self.text, SentencePieceBackend):
             # transformers converts SentencePiece models to tokenizer.json only per model family, so a saved
             # SentencePiece tokenizer is for from_pretrained, not AutoTokenizer.
             with atomic_path(path / "tokenizer.model") as tmp:

@@ -128,15 +128,6 @@ class UnitLayout:
     def is_unit(self, token_id: int) -> bool:
         return self.unit_of(token_id) >= 0
 
-    def units_of(self, ids: Sequence[int] | np.ndarray) -> list[int]:
-        """Units of ids that are all units (ValueError naming the first that is not)."""
-        ids = np.asarray(ids, dtype=np.int64)
-        units = np.where((ids >= 0) & (ids < self.vocab_size), self.unit_of_id[ids.clip(0, self.vocab_size - 1)],
-                         -1)
-        if (units < 0).any():
-            raise ValueError(f"token id {int(ids[units < 0][0])} is not a speech unit")
-        return units.tolist()
-
     def mask(self, ids: np.ndarray) -> np.ndarray:
         """Boolean array: which of `ids` (all in [0, vocab_size)) are units."""
         return self.unit_of_id[ids] >= 0

@@ -31,7 +31,17 @@ answer pairs in both languages) were written for this project. `make_toy_corpus`
     cut the answer into text/speech chunks at word boundaries. The assistant always speaks with the voice
     of speaker 0 (a spoken assistant has one voice); users are the other speakers. ``speaker`` is optional
     for readers.
+``heldout.jsonl``: spoken questions never trained on, for the quickstart's check that the model learned
+    (TQ error on unseen speech, answers matching the reference): ``{"id", "lang", "question", "answer",
+    "units", "speaker"}``. Every `HELDOUT_EVERY`-th Q/A pair is held out of ``dialogue_sft.jsonl``, and no
+    held-out question is spoken anywhere else in the corpus (``manifest.jsonl`` and ``parallel.jsonl`` hold
+    only ``parallel.txt``); their *text* Q/A stays in ``instruct.jsonl``, so a right spoken answer shows text
+    knowledge carried over to speech, as the paper's text-replay pretraining intends.
 ``info.json``: counts, the unit range used, the speakers' parameters, and ``"synthetic": true``.
+
+Every record with units, and ``info.json``, carries ``"speech_tokenizer"``: the toy's own identity
+(`toy_identity`: name ``toy-g2u``, a nominal 25 units/s, ``num_units`` codes, weights ``synthetic:seed=N``), so
+the pipeline's joins check it like a real tokenizer's and refuse to mix toy units with S3 units.
 """
 from __future__ import annotations
 
@@ -44,6 +54,7 @@ from pathlib import Path
 
 from megatron_cslm.data.chunking import split_pieces
 from megatron_cslm.fileio import atomic_open, write_json
+from megatron_cslm.speech.identity import IDENTITY_KEY, SpeechTokenizerId
 
 TOY_DIR = Path(__file__).parent
 SILENCE_UNIT = 0
@@ -52,6 +63,14 @@ SILENCE_UNIT = 0
 TOY_UNIT_RANGE = 512
 PAUSE_MARKS = frozenset(",.!?;:，。！？；：、")
 ASSISTANT_SPEAKER = 0
+TOY_TOKENIZER = "toy-g2u"  # grapheme -> unit map with per-speaker durations (ToySpeech)
+TOY_UNITS_PER_SECOND = 25  # nominal: toy units have no audio; the paper's rate, so the README's sizes apply
+HELDOUT_EVERY = 5  # Q/A pair i is held out when i % HELDOUT_EVERY == HELDOUT_EVERY - 1
+
+
+def is_heldout(index: int) -> bool:
+    """Whether Q/A pair `index` (in `qa_pairs()` order) is held out of SFT for evaluation."""
+    return index % HELDOUT_EVERY == HELDOUT_EVERY - 1
 
 
 def _read_tsv(name: str, fields: int) -> list[list[str]]:
@@ -166,6 +185,11 @@ def _jsonl(path: Path, records: list[dict]) -> int:
     return len(records)
 
 
+def toy_identity(num_units: int = 4096, seed: int = 0) -> SpeechTokenizerId:
+    """The toy corpus's speech tokenizer identity (see the module docstring)."""
+    return SpeechTokenizerId(TOY_TOKENIZER, TOY_UNITS_PER_SECOND, num_units, f"synthetic:seed={int(seed)}")
+
+
 def make_toy_corpus(out_dir: str | Path, num_units: int = 4096, seed: int = 0, speakers: int = 4) -> dict:
     """Write the toy corpus (see module docstring) into `out_dir`; returns the info written to info.json."""
     out_dir = Path(out_dir)
@@ -194,13 +218,14 @@ def make_toy_corpus(out_dir: str | Path, num_units: int = 4096, seed: int = 0, s
     instruct = [{"id": f"toy-ins-{lang}-{i:03d}", "lang": lang, "prompt": q[lang][0], "response": q[lang][1]}
                 for lang in ("en", "zh") for i, q in enumerate(qa)]
 
-    dialogues = []
+    dialogues, heldout = [], []
+    trained = [i for i in range(len(qa)) if not is_heldout(i)]
     for lang in ("en", "zh"):
         rng = random.Random(f"{seed}|dialogue|{lang}")
-        order = list(range(len(qa)))
+        order = list(trained)
         rng.shuffle(order)
-        # Every pair once as a single-turn dialogue, then pairs of them as two-turn dialogues.
-        convs = [[i] for i in range(len(qa))] + [order[k:k + 2] for k in range(0, len(order) - 1, 2)]
+        # Every trained pair once as a single-turn dialogue, then pairs of them as two-turn dialogues.
+        convs = [[i] for i in trained] + [order[k:k + 2] for k in range(0, len(order) - 1, 2)]
         for n, conv in enumerate(convs):
             did = f"toy-dlg-{lang}-{n:03d}"
             user = rng.randrange(1, speakers) if speakers > 1 else ASSISTANT_SPEAKER
@@ -214,9 +239,18 @@ def make_toy_corpus(out_dir: str | Path, num_units: int = 4096, seed: int = 0, s
                 turns.append({"role": "assistant", "text": answer, "units": a_units,
                               "speaker": tts.voices[ASSISTANT_SPEAKER].name, "words": a_words})
             dialogues.append({"id": did, "lang": lang, "turns": turns})
+        for i in (i for i in range(len(qa)) if is_heldout(i)):
+            hid = f"toy-heldout-{lang}-{i:03d}"
+            user = 1 + i % (speakers - 1) if speakers > 1 else ASSISTANT_SPEAKER
+            question, answer = qa[i][lang]
+            heldout.append({"id": hid, "lang": lang, "question": question, "answer": answer,
+                            "units": tts.speak(question, user, hid)[0], "speaker": tts.voices[user].name})
 
+    identity = toy_identity(num_units, seed).to_dict()
+    for rec in manifest + heldout + dialogues + [p for p in parallel if "en_units" in p or "zh_units" in p]:
+        rec[IDENTITY_KEY] = identity
     info = {
-        "synthetic": True,
+        "synthetic": True, IDENTITY_KEY: identity,
         "description": "megatron_cslm toy corpus: project-written sentences with SYNTHETIC speech units "
                        "(fixed grapheme -> unit map, per-speaker durations); not real speech.",
         "num_units": num_units, "unit_range": tts.unit_range, "silence_unit": SILENCE_UNIT, "seed": seed,
@@ -226,6 +260,7 @@ def make_toy_corpus(out_dir: str | Path, num_units: int = 4096, seed: int = 0, s
             "parallel.jsonl": _jsonl(out_dir / "parallel.jsonl", parallel),
             "instruct.jsonl": _jsonl(out_dir / "instruct.jsonl", instruct),
             "dialogue_sft.jsonl": _jsonl(out_dir / "dialogue_sft.jsonl", dialogues),
+            "heldout.jsonl": _jsonl(out_dir / "heldout.jsonl", heldout),
         },
     }
     write_json(out_dir / "info.json", info)

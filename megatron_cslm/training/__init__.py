@@ -1,1 +1,1 @@
-"""The training loop shared by continual pretraining (`megatron_cslm.pretrain`) and SFT (`megatron_cslm.sft`)."""
+"""The training loop shared by continual pretraining (`training/pretrain.py`) and SFT (`training/sft.py`)."""

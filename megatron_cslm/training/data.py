@@ -12,6 +12,10 @@ count replays exactly the samples an uninterrupted run would have seen.
 Start-up cost does not grow with the data: `check_indexed_dataset` reads the `.idx` and the small
 `<prefix>.meta.json` written by preprocessing/packing (`data/metadata.py`: tokenizer identity, largest id),
 never the `.bin` tokens; only a dataset without metadata gets a bounded sampled read.
+
+`data_speech_tokenizer` joins the speech tokenizers recorded in the datasets' `.meta.json` with the start
+checkpoint's (`cslm_model.json`): a blend of two codebooks, or data of another codebook than the model's, stops
+naming both (text-only datasets carry none and blend with anything).
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import numpy as np
 import torch
 
 from megatron_cslm.compat import sample_token_ids
+from megatron_cslm.errors import CslmError
 
 logger = logging.getLogger(__name__)
 SAMPLED_CHECK_DOCUMENTS = 1000  # documents read to check a dataset that has no metadata
@@ -45,7 +50,7 @@ class DataBlend:
 def parse_data_path(items: list[str]) -> DataBlend:
     """Megatron-LM's `--data-path`: either `PREFIX...` or `W1 PREFIX1 W2 PREFIX2 ...`."""
     if not items:
-        raise ValueError("--data-path is empty")
+        raise CslmError.usage("--data-path is empty")
     try:
         float(items[0])
         weighted = True
@@ -54,16 +59,16 @@ def parse_data_path(items: list[str]) -> DataBlend:
     if not weighted:
         return DataBlend(list(items), None)
     if len(items) % 2:
-        raise ValueError(f"--data-path with weights needs WEIGHT PREFIX pairs; got {len(items)} items: {items}")
+        raise CslmError.usage(f"--data-path with weights needs WEIGHT PREFIX pairs; got {len(items)} items: {items}")
     weights, prefixes = [], []
     for w, p in zip(items[::2], items[1::2]):
         try:
             weights.append(float(w))
         except ValueError as e:
-            raise ValueError(f"--data-path: {w!r} is not a weight (expected WEIGHT PREFIX pairs)") from e
+            raise CslmError.usage(f"--data-path: {w!r} is not a weight (expected WEIGHT PREFIX pairs)") from e
         prefixes.append(p)
     if any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise ValueError(f"--data-path weights must be non-negative and not all zero: {weights}")
+        raise CslmError.usage(f"--data-path weights must be non-negative and not all zero: {weights}")
     return DataBlend(prefixes, weights)
 
 
@@ -82,15 +87,15 @@ def check_indexed_dataset(prefix: str, vocab_size: int, identity: dict | None = 
 
     for suffix in (".bin", ".idx"):
         if not Path(prefix + suffix).exists():
-            raise FileNotFoundError(f"--data-path {prefix}: {prefix + suffix} does not exist")
+            raise CslmError(prefix + suffix, None, "--data-path", "does not exist", reason="missing")
     dataset = IndexedDataset(prefix, mmap=True)  # reads the .idx; maps (does not read) the .bin
     index = dataset.index
     expected = int(index.sequence_lengths.astype(np.int64).sum()) * np.dtype(index.dtype).itemsize
     actual = os.path.getsize(prefix + ".bin")
     if actual != expected:
-        raise ValueError(f"--data-path {prefix}: {prefix}.bin has {actual} bytes but {prefix}.idx describes "
-                         f"{expected} ({len(index)} sequences of {np.dtype(index.dtype).name}); the pair is "
-                         "truncated or from different runs")
+        raise CslmError(f"{prefix}.bin", None, "--data-path", f"has {actual} bytes but {prefix}.idx describes "
+                        f"{expected} ({len(index)} sequences of {np.dtype(index.dtype).name}); the pair is "
+                        "truncated or from different runs", reason="truncated")
     meta = read_dataset_metadata(prefix)
     if meta is None:
         max_id = _sampled_max_id(dataset, sample_documents)
@@ -102,14 +107,36 @@ def check_indexed_dataset(prefix: str, vocab_size: int, identity: dict | None = 
         if identity is not None:
             mismatch = identity_mismatch(meta["tokenizer"], identity)
             if mismatch:
-                raise ValueError(f"--data-path {prefix}: built with another tokenizer: {mismatch}; rebuild it "
-                                 "with this run's tokenizer (tools/preprocess_data.py --tokenizer-model)")
+                raise CslmError.compat(f"--data-path {prefix}: built with another tokenizer: {mismatch}; rebuild "
+                                       "it with this run's tokenizer (tools/preprocess_data.py --tokenizer-model)")
         max_id = int(meta["max_token_id"])
         source = metadata_path(prefix).name
     if max_id >= vocab_size:
-        raise ValueError(f"--data-path {prefix}: token id {max_id} >= the model's vocabulary size {vocab_size} "
-                         f"(from {source}); the .idx/.bin was built with another tokenizer or --num-units")
+        raise CslmError.compat(f"--data-path {prefix}: token id {max_id} >= the model's vocabulary size "
+                               f"{vocab_size} (from {source}); the .idx/.bin was built with another tokenizer or "
+                               "--num-units")
     return max_id
+
+
+def data_speech_tokenizer(data_path, valid_data_path=None, start_manifest=None, start_dir: str | None = None):
+    """The one speech tokenizer of the run's data and the checkpoint it starts from (None: none recorded).
+
+    Reads only each prefix's `.meta.json`; raises a `compat` CslmError naming both tokenizers when two datasets,
+    or a dataset and the start checkpoint's manifest, differ. Datasets without a record are warned about."""
+    from megatron_cslm.data.metadata import dataset_speech_tokenizer, metadata_path, read_dataset_metadata
+    from megatron_cslm.speech.identity import IdentityJoin, check_same
+
+    prefixes = (parse_data_path(list(data_path)).prefixes if data_path else []) + list(valid_data_path or [])
+    join = IdentityJoin()
+    for prefix in dict.fromkeys(prefixes):
+        if not Path(prefix + ".idx").exists():
+            continue  # check_indexed_dataset names the missing file
+        ident = dataset_speech_tokenizer(prefix, read_dataset_metadata(prefix))
+        if ident is not None:
+            join.add(ident, f"--data-path {prefix}", metadata_path(prefix))
+    start = getattr(start_manifest, "speech_tokenizer", None)
+    check_same(join.identity, join.where, start, f"the start checkpoint {start_dir or ''}".rstrip())
+    return join.identity or start
 
 
 def _sampled_max_id(dataset, documents: int) -> int:

@@ -26,7 +26,7 @@ def dataset_summary(prefix: str, weight: float | None) -> dict:
             stats = json.loads(stats_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError:
             return entry
-        for key in ("tokens", "documents", "samples", "text_tokens", "unit_tokens", "inputs"):
+        for key in ("tokens", "documents", "samples", "text_tokens", "unit_tokens", "inputs", "speech_tokenizer"):
             if key in stats:
                 entry[key] = stats[key]
         if stats.get("by_source"):

@@ -28,6 +28,9 @@ from typing import Iterator
 
 import torch
 
+from megatron_cslm.errors import CslmError
+from megatron_cslm.plan.gpus import gpu_of_device_name
+
 logger = logging.getLogger(__name__)
 
 PHASES = ("data", "forward-backward", "optimizer", "checkpoint")
@@ -85,11 +88,6 @@ def memory_stats() -> dict[str, float]:
     return {"memory/peak_rss_gib": peak_kib / 2**20, "memory/rss_gib": rss_pages * os.sysconf("SC_PAGE_SIZE") / 2**30}
 
 
-# Dense bf16 peak TFLOP/s per GPU by the name CUDA reports (substring match, first hit wins).
-GPU_PEAK_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("H800", 989.0), ("B200", 2250.0), ("GB200", 2500.0),
-                   ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("A10", 125.0))
-
-
 def measured_cpu_matmul_tflops(n: int = 1024, repeats: int = 5) -> float:
     """This process's fp32 matmul rate (best of `repeats` n x n x n products): the peak CPU MFU is taken against.
 
@@ -114,10 +112,10 @@ def device_peak_tflops(device: torch.device | str) -> tuple[float | None, str]:
     if device.type == "cpu":
         return measured_cpu_matmul_tflops(), "measured CPU fp32 matmul peak"
     name = torch.cuda.get_device_name(device)
-    for key, peak in GPU_PEAK_TFLOPS:
-        if key in name:
-            return peak, f"{name} dense bf16 peak"
-    return None, f"unknown GPU {name!r}: pass --peak-tflops for MFU"
+    gpu = gpu_of_device_name(name)
+    if gpu is None:
+        return None, f"unknown GPU {name!r}: pass --peak-tflops for MFU"
+    return gpu.bf16_tflops, f"{name} dense bf16 peak ({gpu.name} in plan/gpus.py)"
 
 
 class StepProfiler:
@@ -126,9 +124,9 @@ class StepProfiler:
     def __init__(self, *, enabled: bool, start: int, end: int, ranks: list[int], rank: int, trace_dir: str | Path,
                  cuda: bool):
         if enabled and end < start:
-            raise ValueError(f"--profile-step-end {end} < --profile-step-start {start}")
+            raise CslmError.usage(f"--profile-step-end {end} < --profile-step-start {start}")
         if enabled and start < 1:
-            raise ValueError(f"--profile-step-start {start}: iterations count from 1")
+            raise CslmError.usage(f"--profile-step-start {start}: iterations count from 1")
         self.active_here = enabled and rank in ranks
         self.start, self.end, self.rank = start, end, rank
         self.trace_dir = Path(trace_dir)
@@ -179,7 +177,7 @@ class ManualGC:
 
     def __init__(self, enabled: bool, interval: int):
         if enabled and interval < 0:
-            raise ValueError(f"--manual-gc-interval must be >= 0, got {interval}")
+            raise CslmError.usage(f"--manual-gc-interval must be >= 0, got {interval}")
         self.enabled, self.interval = enabled, interval
         if enabled:
             gc.disable()

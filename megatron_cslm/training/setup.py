@@ -8,38 +8,49 @@ from __future__ import annotations
 
 import torch
 
-from megatron_cslm.models.llama import LlamaArch, build_gpt_model
+from megatron_cslm.errors import CslmError
+from megatron_cslm.models.chunks import build_model_chunks
+from megatron_cslm.models.llama import LlamaArch
 from megatron_cslm.training.config import CheckpointConfig, CommConfig, OptimConfig
 
 
 def build_model(arch: LlamaArch, config, padded_vocab: int, spec: str | None = None, ddp: bool = True,
                 use_distributed_optimizer: bool = True, comm: CommConfig = CommConfig()) -> list:
-    """This rank's model chunk, in megatron-core DDP (grad buffers, reduce-scatter for the dist. optimizer).
+    """This rank's model chunks, in megatron-core DDP (grad buffers, reduce-scatter for the dist. optimizer).
 
-    With `comm.overlap_grad_reduce` each bucket's reduce starts as soon as its gradients are ready (the
-    schedule gets DDP's no_sync/start_grad_sync, as in Megatron-LM); with `comm.overlap_param_gather` the
-    distributed optimizer's all-gather runs under the next forward (DDP forward pre-hooks)."""
+    One chunk, or `config.virtual_pipeline_model_parallel_size` chunks for megatron-core's interleaved 1F1B
+    schedule (chunk i holds virtual stage i; its layers' checkpoint keys are global, so a save loads at any
+    PP/VPP). As in Megatron-LM, chunks after the first put all their parameters in one bucket. With
+    `comm.overlap_grad_reduce` each bucket's reduce starts as soon as its gradients are ready (the schedule gets
+    DDP's no_sync/start_grad_sync, one per chunk); with `comm.overlap_param_gather` the distributed optimizer's
+    all-gather runs under the next forward (DDP forward pre-hooks)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
-    model = build_gpt_model(arch, config, padded_vocab=padded_vocab, spec=spec)
-    if torch.cuda.is_available():
-        model.cuda(torch.cuda.current_device())
+    models = build_model_chunks(arch, config, padded_vocab, spec)
     if not ddp:
-        return [model]
+        return models
     config.finalize_model_grads_func = finalize_model_grads
     config.calculate_per_token_loss = True
     if comm.overlap_param_gather and not (use_distributed_optimizer and comm.overlap_grad_reduce):
-        raise ValueError("--overlap-param-gather needs the distributed optimizer and --overlap-grad-reduce")
+        raise CslmError.usage("--overlap-param-gather needs the distributed optimizer and --overlap-grad-reduce")
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=comm.overlap_grad_reduce,
         overlap_param_gather=comm.overlap_param_gather, use_distributed_optimizer=use_distributed_optimizer,
         check_for_nan_in_grad=False, bucket_size=comm.ddp_bucket_size)
-    chunks = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)]
+    chunks = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=model, disable_bucketing=i > 0)
+              for i, model in enumerate(models)]
     if comm.overlap_grad_reduce:  # Megatron-LM's training.py: the schedule drives DDP's bucketed reduce
-        config.no_sync_func = chunks[0].no_sync
-        config.grad_sync_func = chunks[0].start_grad_sync
+        no_sync, grad_sync = [c.no_sync for c in chunks], [c.start_grad_sync for c in chunks]
+        config.no_sync_func = no_sync[0] if len(chunks) == 1 else no_sync
+        config.grad_sync_func = grad_sync[0] if len(chunks) == 1 else grad_sync
     return chunks
+
+
+def per_chunk(model: list, make_iterator):
+    """The data iterator(s) a schedule takes: one, or one per model chunk under the interleaved schedule (each
+    chunk reads every micro-batch once, in order, so each gets its own iterator over the same stream)."""
+    return make_iterator() if len(model) == 1 else [make_iterator() for _ in model]
 
 
 def schedule_of(optim: OptimConfig, global_batch_size: int) -> dict:

@@ -14,7 +14,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.distributed as dist
 
-from megatron_cslm.training.batch import get_batch
+from megatron_cslm.distributed.batch import get_batch
 
 
 def loss_func(batch: dict, group_names: Sequence[str], group_weights: torch.Tensor | None,
@@ -107,27 +107,3 @@ def evaluate(model: list, data_iterator: Iterator, *, num_batches: int, num_micr
     for chunk in model:
         chunk.train()
     return {k: (v[0], v[1]) for k, v in totals.items()}
-
-
-@torch.no_grad()
-def forward_logits(model: list, batches: list[dict], seq_length: int, micro_batch_size: int) -> list[torch.Tensor]:
-    """Full-vocabulary logits of each micro-batch, returned on the last pipeline stage ([] elsewhere).
-
-    Used to check parallel layouts and converted checkpoints against references.
-    """
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-
-    def step(data_iterator, chunk):
-        batch = get_batch(data_iterator)
-        output = chunk(batch.get("tokens"), batch.get("position_ids"), batch.get("attention_mask"),
-                       packed_seq_params=batch.get("packed_seq_params"))
-        # clone: the schedule scales the returned tensor in place, and TP=1 "gathers" by identity
-        return output, lambda out: (out, {"logits": gather_from_tensor_model_parallel_region(out).clone()})
-
-    for chunk in model:
-        chunk.eval()
-    out = get_forward_backward_func()(
-        forward_step_func=step, data_iterator=iter(batches), model=model, num_microbatches=len(batches),
-        seq_length=seq_length, micro_batch_size=micro_batch_size, forward_only=True)
-    return [x["logits"].float() for x in out]

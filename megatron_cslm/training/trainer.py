@@ -49,6 +49,7 @@ from megatron_cslm.models.flops import train_flops_per_token
 from megatron_cslm.models.llama import ARCHS, LlamaArch, padded_vocab_size, transformer_config
 from megatron_cslm.training import signals
 from megatron_cslm.training.config import RunConfig
+from megatron_cslm.training.data import data_speech_tokenizer
 from megatron_cslm.training.lineage import stage_record
 from megatron_cslm.training.logger import TrainingLogger
 from megatron_cslm.training.profiling import (
@@ -59,7 +60,7 @@ from megatron_cslm.training.profiling import (
     device_peak_tflops,
     profile_dir,
 )
-from megatron_cslm.training.setup import build_model, build_optimizer, schedule_of
+from megatron_cslm.training.setup import build_model, build_optimizer, per_chunk, schedule_of
 from megatron_cslm.training.step import evaluate, train_step
 
 log = logging.getLogger(__name__)
@@ -99,12 +100,12 @@ class StartPoint:
 def find_start(cfg: RunConfig) -> StartPoint:
     ck = cfg.checkpoint
     if ck.ckpt_format != "torch_dist":
-        raise ValueError(f"--ckpt-format {ck.ckpt_format!r}: only torch_dist (megatron-core dist_checkpointing) "
+        raise CslmError.usage(f"--ckpt-format {ck.ckpt_format!r}: only torch_dist (megatron-core dist_checkpointing) "
                          "is supported")
     if ck.finetune and not ck.load:
-        raise ValueError("--finetune needs --load (the checkpoint whose weights to start from)")
+        raise CslmError.usage("--finetune needs --load (the checkpoint whose weights to start from)")
     if ck.load and ck.finetune and cfg.model.load_init:
-        raise ValueError("give --load-init X or --load X --finetune, not both")
+        raise CslmError.usage("give --load-init X or --load X --finetune, not both")
     if ck.save and (at := latest_iteration(ck.save)) is not None:
         return StartPoint(ck.save, at, resume=True)
     if ck.load and not ck.finetune and (at := latest_iteration(ck.load)) is not None:
@@ -129,9 +130,9 @@ def resolve_model(cfg: RunConfig, start: StartPoint) -> ModelSource:
         tokenizer_dir = Path(m.tokenizer_model) if m.tokenizer_model else manifest.tokenizer_dir(start.directory)
         return ModelSource(manifest.arch, tokenizer_dir, manifest.padded_vocab_size, manifest)
     if m.model_arch not in ARCHS:
-        raise ValueError(f"--model-arch {m.model_arch!r} is not one of {sorted(ARCHS)}")
+        raise CslmError.usage(f"--model-arch {m.model_arch!r} is not one of {sorted(ARCHS)}")
     if not m.tokenizer_model:
-        raise ValueError("--model-arch runs need --tokenizer-model (a saved SpeechTextTokenizer directory)")
+        raise CslmError.usage("--model-arch runs need --tokenizer-model (a saved SpeechTextTokenizer directory)")
     tokenizer = SpeechTextTokenizer.from_pretrained(m.tokenizer_model)
     return ModelSource(ARCHS[m.model_arch].with_vocab(tokenizer.vocab_size), Path(m.tokenizer_model))
 
@@ -154,14 +155,14 @@ def check_schedule(cfg: RunConfig, saved: dict | None, where: str) -> None:
     """Megatron-LM's rule: a resumed run's LR schedule must equal the checkpoint's unless a flag says which wins."""
     ck = cfg.checkpoint
     if ck.override_opt_param_scheduler and ck.use_checkpoint_opt_param_scheduler:
-        raise ValueError("give --override-opt_param-scheduler or --use-checkpoint-opt_param-scheduler, not both")
+        raise CslmError.usage("give --override-opt_param-scheduler or --use-checkpoint-opt_param-scheduler, not both")
     if not saved or ck.override_opt_param_scheduler or ck.use_checkpoint_opt_param_scheduler:
         return
     now = schedule_of(cfg.optim, cfg.data.global_batch_size)
     diffs = [f"{flag} {now[key]} (checkpoint: {saved[key]})" for key, flag in SCHEDULE_FLAGS.items()
              if key in saved and saved[key] != now[key]]
     if diffs:
-        raise ValueError(f"the LR schedule differs from the one {where} was trained with: {', '.join(diffs)}; "
+        raise CslmError.usage(f"the LR schedule differs from the one {where} was trained with: {', '.join(diffs)}; "
                          "pass --override-opt_param-scheduler to use the command line's schedule or "
                          "--use-checkpoint-opt_param-scheduler to keep the checkpoint's")
 
@@ -235,7 +236,7 @@ class Trainer:
         self.dp = cfg.parallel.data_parallel_size(self.world)
         data = cfg.data
         if data.global_batch_size % (data.micro_batch_size * self.dp):
-            raise ValueError(f"--global-batch-size {data.global_batch_size} is not a multiple of micro batch "
+            raise CslmError.usage(f"--global-batch-size {data.global_batch_size} is not a multiple of micro batch "
                              f"{data.micro_batch_size} x data-parallel size {self.dp}")
         self.num_microbatches = data.global_batch_size // (data.micro_batch_size * self.dp)
         self.start = find_start(cfg)
@@ -243,12 +244,17 @@ class Trainer:
             common = read_common_state(self.start.directory, self.start.iteration)
             check_schedule(cfg, common.get("schedule"), f"{self.start.directory} iteration {self.start.iteration}")
         self.source = resolve_model(cfg, self.start)
+        # the data's one speech codebook, = the start checkpoint's (training/data.py); cslm_model.json records it
+        self.speech_tokenizer = data_speech_tokenizer(cfg.data.data_path, cfg.data.valid_data_path,
+                                                      self.source.manifest, self.start.directory)
         tp = cfg.parallel.tensor_model_parallel_size
         self.padded_vocab = run_padded_vocab(self.source, tp, cfg.model.make_vocab_size_divisible_by)
         m = cfg.model
+        vpp = cfg.parallel.virtual_size(self.source.arch.num_layers)
+        parallel.use_virtual_pipeline(vpp)
         config = transformer_config(self.source.arch, tensor_parallel_size=tp,
                                     pipeline_parallel_size=cfg.parallel.pipeline_model_parallel_size,
-                                    virtual_pipeline_size=cfg.parallel.virtual_pipeline_model_parallel_size,
+                                    virtual_pipeline_size=vpp,
                                     precision=m.precision(self.device), recompute=m.recompute(),
                                     sequence_parallel=m.sequence_parallel, spec=m.transformer_impl)
         self.task = self.make_task(self.args, self.source, self.padded_vocab)  # data errors before the model
@@ -290,7 +296,7 @@ class Trainer:
         record = stage_record(self.cfg, self.stage, save)
         lineage = [r for r in (start.lineage if start else ()) if r.get("save") != record["save"]] + [record]
         ModelManifest(self.source.arch, self.padded_vocab, str(self.source.tokenizer_dir.resolve()),
-                      start.base_model if start else None, tuple(lineage)).save(save)
+                      start.base_model if start else None, tuple(lineage), self.speech_tokenizer).save(save)
         if self.start.directory:
             copy_notices(self.start.directory, save)
 
@@ -301,7 +307,6 @@ class Trainer:
         cfg = self.cfg
         data, lg = cfg.data, cfg.logging
         self.dp_rank = parallel_state.get_data_parallel_rank()
-        train_iter = self.task.stream(self.task.train, self.consumed, self.dp_rank, self.dp, self.num_microbatches)
         flops = train_flops_per_token(self.source.arch, data.seq_length, self.padded_vocab,
                                       full_recompute=cfg.model.recompute_granularity == "full")
         logs_here = dist.get_rank() == self.world - 1
@@ -316,8 +321,12 @@ class Trainer:
         rt = cfg.runtime
         self.watchdog = StepWatchdog(None if rt.step_timeout_minutes is None else 60.0 * rt.step_timeout_minutes,
                                      rank=dist.get_rank(), world=self.world, store=default_store())
-        if train_iter is not None:
-            train_iter = TimedIterator(train_iter, self.timers)
+
+        def timed_stream():
+            stream = self.task.stream(self.task.train, self.consumed, self.dp_rank, self.dp, self.num_microbatches)
+            return None if stream is None else TimedIterator(stream, self.timers)
+
+        train_iter = per_chunk(self.model, timed_stream)
         pr = cfg.profiling
         self.profiler = StepProfiler(enabled=pr.profile, start=pr.profile_step_start, end=pr.profile_step_end,
                                      ranks=list(pr.profile_ranks), rank=dist.get_rank(),
@@ -373,7 +382,8 @@ class Trainer:
                             kind="training", reason="non_finite_loss")
 
     def validate(self) -> None:
-        valid_iter = self.task.stream(self.task.valid, 0, self.dp_rank, self.dp, self.num_microbatches)
+        valid_iter = per_chunk(self.model, lambda: self.task.stream(self.task.valid, 0, self.dp_rank, self.dp,
+                                                                    self.num_microbatches))
         with self._params_gathered(), self._allowance():
             losses = evaluate(self.model, valid_iter, num_batches=self.cfg.logging.eval_iters, **self._step_kwargs())
         self.logger.validation(self.iteration, losses)
@@ -447,20 +457,17 @@ def _is_collective_timeout(error: RuntimeError) -> bool:
 def main(make_task, parser_factory, argv: list[str] | None = None) -> int:
     """Run one training job; run it under `megatron_cslm.cli.run_tool`, which prints a CslmError as one line and
     exits with its kind's code (usage 2, data 1, checkpoint 4, training 6; errors.py)."""
+    from megatron_cslm.compat import check_megatron_core_version
     from megatron_cslm.training.arguments import parse_args
 
     args = parse_args(parser_factory(), argv)
+    check_megatron_core_version()
     trainer = Trainer(args, make_task)
     failed = True
     try:
         code = trainer.run()
         failed = False
         return code
-    except (ValueError, FileNotFoundError) as e:
-        if isinstance(e, CslmError):
-            raise
-        # configuration checks that predate CslmError: usage errors
-        raise CslmError(message=str(e), kind="usage", reason="usage") from e
     except RuntimeError as e:
         if not _is_collective_timeout(e):
             raise

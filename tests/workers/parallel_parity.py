@@ -11,10 +11,11 @@ import torch.distributed as dist
 
 from megatron_cslm.checkpoint.save_load import load_checkpoint, save_checkpoint
 from megatron_cslm.distributed import parallel
+from megatron_cslm.models.chunks import forward_logits
 from megatron_cslm.models.llama import ARCHS, PrecisionConfig, padded_vocab_size, transformer_config
 from megatron_cslm.training.config import OptimConfig
 from megatron_cslm.training.setup import build_model, build_optimizer
-from megatron_cslm.training.step import forward_logits, train_step
+from megatron_cslm.training.step import train_step
 
 out_dir = Path(sys.argv[1])
 arch = ARCHS["tiny"]

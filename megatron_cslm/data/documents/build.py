@@ -18,6 +18,11 @@ where a segment may carry ``"loss": false`` to keep it out of the loss. The reci
 is offered to every enabled recipe of that source; each recipe keeps it with probability ``p[recipe]``. All
 randomness comes from ``random.Random(f"{seed}|{recipe}|{record id}")``, so the output depends only on the
 seed and the inputs, not on file order or which other recipes run.
+
+Speech tokenizer: every units record's ``speech_tokenizer`` (speech/identity.py) must be the same over all
+inputs (the build stops naming both otherwise, before anything is written); a document holding units carries it
+as ``"speech_tokenizer"`` and ``stats.json`` records it. Records without one (older units files) are accepted
+with a warning; documents without speech (translate, replay) carry none.
 """
 from __future__ import annotations
 
@@ -41,6 +46,7 @@ from megatron_cslm.data.documents.records import (
 )
 from megatron_cslm.data.documents.templates import Templates, render
 from megatron_cslm.fileio import DataError, SkipCounter, atomic_open, iter_jsonl, write_json
+from megatron_cslm.speech.identity import IDENTITY_KEY, IdentityJoin
 from megatron_cslm.text.chat import BOS, EOT, header
 
 # recipe -> the input kind it reads
@@ -185,6 +191,7 @@ def build_pretrain_data(out_dir: str | Path, speech: Iterable[str | Path] = (), 
                "instruct": parse_instruction}
     builders = _builders(config)
     counters = {r: SkipCounter() for r in config.recipes}
+    speech_ids = IdentityJoin(config.num_units, "--num-units")
 
     def bad(recipes: list[str], err: DataError) -> None:
         if not config.skip_bad_records:
@@ -210,6 +217,9 @@ def build_pretrain_data(out_dir: str | Path, speech: Iterable[str | Path] = (), 
                     except DataError as e:
                         bad(recipes, e)
                         continue
+                    has_speech = kind == "speech" or (kind == "parallel" and bool(rec.units))
+                    ident = speech_ids.add(raw.get(IDENTITY_KEY), f"{path}:{line}", path, line, has_speech) \
+                        if kind != "instruct" else None
                     for r in recipes:
                         rng = random.Random(f"{config.seed}|{r}|{rec.id}")
                         if rng.random() >= config.p.get(r, 1.0):
@@ -223,6 +233,8 @@ def build_pretrain_data(out_dir: str | Path, speech: Iterable[str | Path] = (), 
                         if doc is None:
                             counters[r].skip(NO_DOC_REASON[r], rec.id)
                             continue
+                        if ident is not None and any("units" in seg for seg in doc["segments"]):
+                            doc[IDENTITY_KEY] = ident.to_dict()
                         outs[r].write(json.dumps(doc, ensure_ascii=False) + "\n")
                         counters[r].written += 1
                 for r in recipes if unreadable is not None else ():
@@ -234,5 +246,6 @@ def build_pretrain_data(out_dir: str | Path, speech: Iterable[str | Path] = (), 
                    "mask_prompt": config.mask_prompt, "num_units": config.num_units, "seed": config.seed,
                    "skip_bad_records": config.skip_bad_records},
         "recipes": {r: c.as_dict() for r, c in counters.items()},
+        IDENTITY_KEY: speech_ids.identity.to_dict() if speech_ids.identity else None,
     })
     return counters

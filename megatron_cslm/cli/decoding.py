@@ -5,7 +5,7 @@ import argparse
 
 import torch
 
-from megatron_cslm.cli import nonnegative_float, nonnegative_int, positive_float, positive_int
+from megatron_cslm.argtypes import nonnegative_float, nonnegative_int, positive_float, positive_int
 from megatron_cslm.data.sft import INSTRUCTIONS, SFTConfig, SFTEncoder
 from megatron_cslm.errors import CslmError
 from megatron_cslm.inference.durations import load_duration_table
@@ -62,9 +62,11 @@ def add_decoding_args(parser: argparse.ArgumentParser) -> None:
                    help="JSON list (or {unit: frames} object) of each unit's mean duration in frames, measured on "
                         "training data, to re-expand deduplicated units")
     s = parser.add_argument_group("audio input (speech tokenizer)")
-    s.add_argument("--speech-tokenizer", default="speech_tokenizer_v1", choices=sorted(UNITS_PER_SECOND),
-                   help="S3 tokenizer variant: speech_tokenizer_v1 (50 units/s, CSLM's; default) or "
-                        "speech_tokenizer_v1_25hz (25 units/s)")
+    s.add_argument("--speech-tokenizer", default=None, choices=sorted(UNITS_PER_SECOND),
+                   help="S3 tokenizer for audio questions: speech_tokenizer_v1 (50 units/s), speech_tokenizer_v1_25hz "
+                        "(25 units/s) or speech_tokenizer_v2_25hz (25 units/s, 6,561 codes). Default: the one the "
+                        "model records (config.json speech_tokenizer); required for a model without a record, and "
+                        "refused when it differs from the model's")
     w = s.add_mutually_exclusive_group()
     w.add_argument("--tokenizer-weights", default=None, help="S3 tokenizer weights (.onnx, .pt or .safetensors)")
     w.add_argument("--random-init", action="store_true",

@@ -1,0 +1,71 @@
+"""Tensor bytes moved between files and memory with one copy, and a bounded read-ahead, for the converters.
+
+Why: conversion is I/O bound only when nothing else is in the way. `pread_into` fills a caller's buffer
+straight from the page cache (no mapping kept open, so nothing counts towards RSS after it returns; no
+intermediate `bytes`), `pwrite_from` writes a tensor's memory as is at an absolute file offset (so several
+threads can fill one file whose layout was planned up front), and `read_ahead` runs the reading of the next
+groups in a background thread while the caller writes the current one. Every call here releases the GIL
+while the kernel copies, which is what lets reading, converting and writing overlap on threads.
+
+Invariants: offsets and lengths are bytes; a short read means a truncated file and raises a CslmError
+naming it; `read_ahead` yields results in submission order and never holds more than `depth` of them.
+"""
+from __future__ import annotations
+
+import collections
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, TypeVar
+
+import torch
+
+from megatron_cslm.errors import CslmError
+
+T = TypeVar("T")
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without a copy."""
+    if not t.is_contiguous():
+        raise ValueError(f"tensor of shape {list(t.shape)} and strides {list(t.stride())} is not contiguous")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+
+
+def pread_into(fd: int, out: torch.Tensor, offset: int, path: str | Path, what: str | None = None) -> None:
+    """Fill contiguous `out` with the bytes at `offset` of the open file `fd` (named `path` in errors)."""
+    view, done = tensor_bytes(out), 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            raise CslmError(path, None, what, f"truncated or corrupt: {len(view)} bytes expected at offset {offset}, "
+                            f"the file ends after {done}", kind="checkpoint", reason="corrupt_shard")
+        done += n
+
+
+def pwrite_from(fd: int, t: torch.Tensor, offset: int) -> int:
+    """Write contiguous `t` at `offset` of `fd`; returns the byte count."""
+    view, done = tensor_bytes(t), 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+    return done
+
+
+def read_ahead(tasks: Iterable[Callable[[], T]], depth: int = 1) -> Iterator[T]:
+    """Results of `tasks`, in order, computed in a background thread up to `depth` tasks ahead of the consumer.
+
+    The consumer's own work (writing) overlaps the next reads; memory is bounded by depth + 1 results. An
+    exception in a task is raised at its place in the order; leaving the loop early cancels what is queued.
+    """
+    pending: collections.deque = collections.deque()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead") as pool:
+        try:
+            for task in tasks:
+                pending.append(pool.submit(task))
+                if len(pending) > depth:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
