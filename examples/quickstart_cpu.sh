@@ -32,7 +32,7 @@ stage 1/10 "toy bilingual speech-text corpus (synthetic speech)"
 [[ -f "$RUN/corpus/heldout.jsonl" ]] || "$PY" tools/make_toy_corpus.py --out "$RUN/corpus" --num-units 512
 
 stage 2/10 "text tokenizer + 512 speech units + specials"
-[[ -f "$RUN/tokenizer/cslm_tokenizer.json" ]] || "$PY" tools/make_toy_tokenizer.py --corpus "$RUN/corpus" --out "$RUN/tokenizer" --chars
+[[ -f "$RUN/tokenizer/cslm_tokenizer.json" ]] || "$PY" tools/make_toy_tokenizer.py --corpus "$RUN/corpus" --out "$RUN/tokenizer"
 
 stage 3/10 "pretraining documents: ASR, TTS, interleaved, translation, cross-lingual speech, replay"
 [[ -f "$RUN/docs/stats.json" ]] || "$PY" tools/build_pretrain_data.py --asr "$RUN/corpus/manifest.jsonl" \
@@ -46,7 +46,7 @@ for src in asr tts interleave translate cross_speech replay; do
     --tokenizer-model "$RUN/tokenizer" --output-prefix "$RUN/bin/$src" --append-eod --workers 2 \
     > "$RUN/logs/preprocess_$src.log"
   echo "$src: $("$PY" -c "import json,sys; s=json.load(open(sys.argv[1])); print(s['documents'], 'documents,', s['tokens'], 'tokens')" "$RUN/bin/$src.stats.json")"
-  BLEND+=("$( [[ $src == asr ]] && echo "${ASR_WEIGHT:-1}" || echo 1)" "$RUN/bin/$src")
+  BLEND+=(1 "$RUN/bin/$src")
 done
 
 stage 5/10 "continual pretraining: tiny Llama-3.1-shaped model, TP=2 on CPU (gloo), $PRETRAIN_STEPS steps"

@@ -78,3 +78,14 @@ def dist_save_async_kwargs() -> dict:
 
     return ({"async_strategy": "mcore"} if "async_strategy" in inspect.signature(dist_checkpointing.save).parameters
             else {})
+
+
+def default_store():
+    """The job's rendezvous store (torch.distributed's private `_get_default_store`), or None when there is none
+    (a single process without init_process_group): the hang watchdog reports ranks through it."""
+    try:
+        from torch.distributed import distributed_c10d
+
+        return distributed_c10d._get_default_store()
+    except Exception:  # noqa: BLE001 (no process group, or the private name moved)
+        return None

@@ -112,3 +112,15 @@ def toy_pretrain(tmp_path_factory):
     from tests.helpers.toy import build_toy_pretrain
 
     return build_toy_pretrain(tmp_path_factory.mktemp("toy_pretrain"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op torch thread for a module of tiny models: more threads only add overhead (and contention on
+    a shared 2-core CI machine). The previous count is restored after the module."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

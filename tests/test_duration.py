@@ -27,14 +27,7 @@ from megatron_cslm.speech.identity import IDENTITY_KEY, SpeechTokenizerId
 from megatron_cslm.speech.runs import unit_runs
 from megatron_cslm.toy.corpus import make_toy_corpus
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: intra-op threads only add overhead (and contention on a shared CI machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ import json
 import sys
 
 import pytest
-from test_inference import ANSWERS, QUESTIONS, answer_units, belle_manifest, chunk_units, tiny_models
 
 from megatron_cslm.data.sft import SFTConfig, SFTEncoder, parse_record
 from megatron_cslm.errors import CslmError
@@ -16,6 +15,7 @@ from megatron_cslm.inference.latency import measure
 from megatron_cslm.inference.metrics import error_rates, script_language
 from megatron_cslm.inference.parse import parse_response
 from tests.helpers.files import load_tool
+from tests.helpers.spoken_qa import ANSWERS, QUESTIONS, answer_units, belle_manifest, chunk_units, tiny_models
 
 # The spoken answer of each toy text answer, for the toy ASR below (a real command reading the units file).
 TOY_ASR = """

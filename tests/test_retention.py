@@ -49,3 +49,37 @@ def test_a_deletion_killed_midway_leaves_the_latest_resumable(tmp_path):
     # the next pass removes the leftover, then applies the policy
     assert apply_retention(tmp_path, 9, RetentionPolicy(keep_last_n=1)) == [6]
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"iter_{9:07d}", TRACKER]
+
+
+def test_sigkill_at_several_points_of_a_retention_pass_leaves_the_latest_resumable(tmp_path):
+    """A real SIGKILL of a process deleting checkpoints, at several moments: the tracker's checkpoint is intact
+    after each, and the next pass finishes the job."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from megatron_cslm.checkpoint.save_load import iteration_dir
+
+    def fill(it: int) -> None:  # many files, so a deletion takes long enough to be interrupted
+        _save(tmp_path, it)
+        for shard in range(400):
+            (iteration_dir(tmp_path, it) / f"__{shard}_0.distcp").write_bytes(b"x" * 64)
+
+    script = ("import sys; from megatron_cslm.checkpoint.retention import RetentionPolicy, apply_retention; "
+              "print('go', flush=True); apply_retention(sys.argv[1], int(sys.argv[2]), RetentionPolicy(keep_last_n=1))")
+    latest = 0
+    for delay in (0.0, 0.005, 0.02, 0.05, 0.1):
+        for _ in range(2):
+            latest += 3
+            fill(latest)
+        proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path), str(latest)], stdout=subprocess.PIPE)
+        proc.stdout.readline()  # imports done: the pass is starting
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert latest_iteration(tmp_path) == latest
+        assert len(list(iteration_dir(tmp_path, latest).iterdir())) == 401  # metadata.json + 400 shards
+    apply_retention(tmp_path, latest, RetentionPolicy(keep_last_n=1))
+    assert complete_iterations(tmp_path) == [latest]
+    assert not list(tmp_path.glob("*.deleting"))

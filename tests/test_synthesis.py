@@ -212,15 +212,6 @@ def expected_samples(frames: int) -> int:
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    """Tiny modules: intra-op threads only add overhead (and contention on a shared CI machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
 def cosyvoice_dir(one_thread, tmp_path_factory):
     """A CosyVoice model directory: the YAML, and flow.pt / hift.pt saved from a random initialisation (hift's
     keys with the `generator.` prefix of HiFi-GAN training checkpoints, which CosyVoice strips), plus a

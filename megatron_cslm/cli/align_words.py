@@ -22,7 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from megatron_cslm.cli import add_debug_flag, nonnegative_int, positive_float, positive_int, run_tool, tool_parser
+from megatron_cslm.cli import add_debug_flag, positive_float, positive_int, run_tool, tool_parser
+from megatron_cslm.cli.speech_flags import add_audio_limit_flags, add_shard_flags
 from megatron_cslm.errors import CslmError
 
 
@@ -44,16 +45,9 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--max-length-mismatch", type=positive_float, default=0.1,
                    help="Leave a record unaligned (reason length_mismatch) when its unit count differs from audio "
                         "seconds x units/s by more than this fraction (and 2 units).")
-    g = p.add_argument_group("sharding (torchrun sets RANK/WORLD_SIZE itself)")
-    g.add_argument("--shard-index", type=nonnegative_int, default=None,
-                   help="SLURM-array form: this job's shard, 0 <= K < --num-shards.")
-    g.add_argument("--num-shards", type=positive_int, default=None, help="SLURM-array form: number of shards.")
+    add_shard_flags(p)
     g = p.add_argument_group("audio and throughput")
-    g.add_argument("--min-seconds", type=positive_float, default=0.1, help="Leave shorter audio unaligned (seconds).")
-    g.add_argument("--max-seconds", type=positive_float, default=600.0,
-                   help="Leave longer audio unaligned (seconds).")
-    g.add_argument("--min-peak", type=positive_float, default=1e-3,
-                   help="Silent below this max |sample| (full scale = 1.0).")
+    add_audio_limit_flags(g, "Leave unaligned:")
     g.add_argument("--chunk-items", type=positive_int, default=64,
                    help="Records appended to the part file between syncs.")
     g.add_argument("--no-progress", action="store_true", help="No progress bar.")

@@ -20,11 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output SpeechTextTokenizer directory")
     p.add_argument("--vocab-size", type=positive_int, default=1024, help="text BPE vocabulary size (ids)")
     p.add_argument("--num-units", type=positive_int, default=512, help="speech units added after the text vocabulary")
-    p.add_argument("--chars", action="store_true",
-                   help="one token per character (merges never cross characters; the quickstart's choice)")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        train_toy_text_tokenizer(toy_texts(args.corpus), tmp, args.vocab_size, chars=args.chars)
+        train_toy_text_tokenizer(toy_texts(args.corpus), tmp, args.vocab_size)
         tokenizer = SpeechTextTokenizer(tmp, num_units=args.num_units)
         tokenizer.save_pretrained(args.out)
     print(f"saved {args.out}: {tokenizer.base_vocab_size} text ids + {args.num_units} units + 4 specials "

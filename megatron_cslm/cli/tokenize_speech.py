@@ -25,6 +25,7 @@ import json
 
 from megatron_cslm.argtypes import nonnegative_float
 from megatron_cslm.cli import add_debug_flag, nonnegative_int, positive_float, positive_int, run_tool, tool_parser
+from megatron_cslm.cli.speech_flags import add_audio_limit_flags, add_shard_flags
 from megatron_cslm.speech.audio import AudioLimits
 from megatron_cslm.speech.extract import AUTOCAST_DTYPES, UNITS_PER_SECOND
 from megatron_cslm.speech.identity import DEFAULT_S3_TOKENIZER
@@ -66,10 +67,7 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Output JSONL (merged, in input order). Parts go to <output>.parts/ until the merge.")
     g.add_argument("--rejects", default=None, help="TSV of rejected items: id, audio, reason, detail "
                                                    "(default: <output>.rejects.tsv).")
-    g = p.add_argument_group("sharding (torchrun sets RANK/WORLD_SIZE itself)")
-    g.add_argument("--shard-index", type=nonnegative_int, default=None,
-                   help="SLURM-array form: this job's shard, 0 <= K < --num-shards (e.g. $SLURM_ARRAY_TASK_ID).")
-    g.add_argument("--num-shards", type=positive_int, default=None, help="SLURM-array form: number of shards.")
+    add_shard_flags(p)
     g = p.add_argument_group("speech tokenizer")
     g.add_argument("--speech-tokenizer", "--tokenizer", dest="tokenizer", default=DEFAULT_S3_TOKENIZER,
                    choices=sorted(UNITS_PER_SECOND),
@@ -98,11 +96,7 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--dedup", action="store_true",
                    help="Merge runs of a repeated unit; run lengths (in unit frames) go to 'durations'.")
     g = p.add_argument_group("filtering and throughput")
-    g.add_argument("--min-seconds", type=positive_float, default=0.1, help="Reject shorter audio (seconds).")
-    g.add_argument("--max-seconds", type=positive_float, default=600.0,
-                   help="Reject longer audio (seconds); audio over 30 s is tokenized in overlapping windows.")
-    g.add_argument("--min-peak", type=positive_float, default=1e-3,
-                   help="Reject as silent if max |sample| is below this (full scale = 1.0; 1e-3 = -60 dBFS).")
+    add_audio_limit_flags(g, "Reject")  # audio over 30 s is tokenized in overlapping windows
     g.add_argument("--workers", type=nonnegative_int, default=4,
                    help="Processes per rank decoding audio (0: in-process).")
     g.add_argument("--chunk-items", type=positive_int, default=256,

@@ -177,16 +177,6 @@ class StepWatchdog:
         return "stalled job: " + " | ".join(parts)
 
 
-def default_store():
-    """The job's rendezvous store (None when there is none, e.g. a single process without init_process_group)."""
-    try:
-        from torch.distributed import distributed_c10d
-
-        return distributed_c10d._get_default_store()
-    except Exception:  # noqa: BLE001
-        return None
-
-
 def stall_for_tests(rank: int, iteration: int) -> None:
     """Tests only: `CSLM_TEST_STALL=RANK:ITERATION:SECONDS` makes RANK sleep SECONDS inside step ITERATION
     (`*` for RANK or ITERATION: every rank / every step, e.g. to make a run outlast a SLURM time limit)."""

@@ -18,7 +18,6 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -38,6 +37,7 @@ from megatron_cslm.speech.sharded import (
     complete_lines,
     drop_partial_tail,
     init_distributed,
+    merge_lock,
     parts_dir,
     speed,
 )
@@ -165,23 +165,11 @@ def _sync(*files) -> None:
         os.fsync(f.fileno())
 
 
-@contextlib.contextmanager
-def _lock(output: Path):
-    """Serialise merges of shards finishing together (a copy of sharded.py's private `_merge_lock`)."""
-    fd = os.open(output.parent, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
-
-
 def merge_aligned(input_path: str | os.PathLike, output: str | os.PathLike, world: int) -> dict | None:
     """Write the merged output in input order when every input id is done; else None. Stats go to
     `<output>.stats.json`, records without words to `<output>.unaligned.tsv`; then the parts are removed."""
     input_path, output = Path(input_path), Path(output)
-    with _lock(output):
+    with merge_lock(output):
         ranks = [PartFiles(output, r, world) for r in range(world)]
         if not all(p.stats.exists() for p in ranks):
             return None

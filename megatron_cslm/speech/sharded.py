@@ -395,7 +395,7 @@ def tokenize_rank(source, output: str | os.PathLike, extractor: UnitExtractor, r
 
 
 @contextlib.contextmanager
-def _merge_lock(output: Path):
+def merge_lock(output: Path):
     """Serialise merges of shards that finish at the same moment (SLURM arrays have no barrier)."""
     fd = os.open(output.parent, os.O_RDONLY)
     try:
@@ -415,7 +415,7 @@ def merge_parts(source, output: str | os.PathLike, label: str, world: int,
     """
     output = Path(output)
     rejects = Path(rejects) if rejects else output.with_name(output.name + ".rejects.tsv")
-    with _merge_lock(output):
+    with merge_lock(output):
         ranks = [PartFiles(output, r, world) for r in range(world)]
         if not all(p.stats.exists() for p in ranks):
             return None

@@ -4,11 +4,6 @@ Why: a tiny CPU model cannot afford Llama-3's 128,256-row softmax, but the pipel
 same code as the real run. This tokenizer is a real Hugging Face `tokenizer.json` (byte-level BPE, Llama-3's
 special tokens and chat markers), so SpeechTextTokenizer, preprocessing, SFT templates, export and
 `AutoTokenizer` take exactly the path they take with Meta's tokenizer. Deterministic for a given text.
-
-With ``chars=True`` merges never cross a character boundary: every letter, digit or CJK character is one token
-(its UTF-8 bytes merged), as the toy speech pronounces one grapheme at a time. A tiny model then learns speech
-recognition as a local unit -> character map that carries over to words it never heard, instead of memorising
-whole-word tokens (the quickstart's held-out questions hold words no training utterance says).
 """
 from __future__ import annotations
 
@@ -22,18 +17,12 @@ LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>"
                    "<|eot_id|>", "<|finetune_right_pad_id|>"]
 
 
-def train_toy_text_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 1024,
-                             chars: bool = False) -> Path:
-    """Train byte-level BPE on `texts`; write tokenizer.json + tokenizer_config.json into `out_dir`.
-
-    `chars`: one token per character (merges stay inside a character; see the module docstring).
-    """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+def train_toy_text_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 1024) -> Path:
+    """Train byte-level BPE on `texts`; write tokenizer.json + tokenizer_config.json into `out_dir`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=not chars)
-    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Split(Regex("."), behavior="isolated"), byte_level])
-                         if chars else byte_level)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=LLAMA3_SPECIALS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())

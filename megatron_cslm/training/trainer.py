@@ -42,8 +42,9 @@ from megatron_cslm.checkpoint.save_load import (
     load_checkpoint,
     save_checkpoint,
 )
+from megatron_cslm.compat import default_store
 from megatron_cslm.distributed import parallel
-from megatron_cslm.distributed.watchdog import StepWatchdog, default_store, stall_for_tests
+from megatron_cslm.distributed.watchdog import StepWatchdog, stall_for_tests
 from megatron_cslm.errors import EXIT_RESTART, CslmError, record_exit_status
 from megatron_cslm.models.flops import train_flops_per_token
 from megatron_cslm.models.llama import ARCHS, LlamaArch, padded_vocab_size, transformer_config
