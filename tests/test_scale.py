@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from bench._common import evict
+from megatron_cslm.errors import CslmError
 from tests.helpers.launch import ROOT, signal_workers, torchrun, torchrun_command, worker_env
 from tests.helpers.training import pretrain_args, scalars
 
@@ -144,8 +145,8 @@ def test_bin_shorter_than_its_idx_is_refused_naming_the_prefix(toy_pretrain, tmp
         shutil.copyfile(src + suffix, prefix + suffix)
     with open(prefix + ".bin", "r+b") as f:
         f.truncate(os.path.getsize(prefix + ".bin") - 2)
-    with pytest.raises(ValueError, match=rf"--data-path {prefix}: {prefix}.bin has \d+ bytes but {prefix}.idx "
-                                         r"describes \d+"):
+    with pytest.raises(CslmError, match=rf"{prefix}.bin: field '--data-path' has \d+ bytes but {prefix}.idx "
+                                        r"describes \d+"):
         check_indexed_dataset(prefix, toy_pretrain["vocab_size"])
 
 

@@ -32,7 +32,11 @@ def slurm(tmp_path_factory):
                          capture_output=True, text=True, timeout=120)
     if out.returncode != 0:
         pytest.fail(f"could not start SLURM on this host:\n{out.stdout}\n{out.stderr}")
-    env = {**os.environ, "SLURM_CONF": str(state / "slurm.conf")}
+    # a rendezvous left in this process's environment (by an in-process test) is not the job's: the launcher
+    # derives its port from the job id
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
+                                                            "LOCAL_RANK")}
+    env["SLURM_CONF"] = str(state / "slurm.conf")
     yield env
     subprocess.run(["bash", str(ROOT / "scripts/slurm_localhost.sh"), "stop", str(state)], timeout=60)
 

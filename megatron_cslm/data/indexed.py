@@ -24,6 +24,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import signal
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -359,6 +360,9 @@ _worker_state: dict = {}
 
 def _init_worker(state: dict) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
+    # A forked worker inherits its parent's handlers; the pool ends workers with SIGTERM, so it must kill them
+    # (a parent that records SIGTERM, e.g. a trainer, would otherwise leave the pool's terminate() waiting forever).
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _worker_state.update(state)
 
 

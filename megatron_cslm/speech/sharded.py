@@ -32,6 +32,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,6 +195,7 @@ _WORKER_STATE: dict = {}
 
 def _init_worker(source, limits: AudioLimits) -> None:
     torch.set_num_threads(1)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the pool ends workers with SIGTERM: no inherited handler
     _WORKER_STATE.update(source=source, limits=limits)
 
 

@@ -8,8 +8,8 @@ and at every step boundary (collectively, so all ranks stop at the same step).
 
 Invariants:
 - Handlers only record the signal; nothing is done inside a handler (it may interrupt a collective).
-- `install()` is idempotent; `uninstall()` restores the default actions (`--no-exit-signal-handler`), after
-  which a signal that was already recorded still counts.
+- `install()` is idempotent; `uninstall()` restores the handlers it replaced (`--no-exit-signal-handler`, after
+  which a signal that was already recorded still counts; and the end of a run, which forgets them).
 - Importing this module imports nothing heavy.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import signal
 
 EXIT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 _received: list[int] = []
-_installed = False
+_previous: dict[int, object] = {}  # the handlers install() replaced, restored by uninstall()
 
 
 def _record(signum, frame) -> None:
@@ -27,19 +27,21 @@ def _record(signum, frame) -> None:
 
 def install() -> None:
     """Record SIGTERM/SIGUSR1 from now on instead of dying (main thread only, as Python requires)."""
-    global _installed
-    if not _installed:
+    if not _previous:
         for sig in EXIT_SIGNALS:
-            signal.signal(sig, _record)
-        _installed = True
+            previous = signal.signal(sig, _record)
+            _previous[sig] = signal.SIG_DFL if previous is None else previous
 
 
-def uninstall() -> None:
-    global _installed
-    if _installed:
-        for sig in EXIT_SIGNALS:
-            signal.signal(sig, signal.SIG_DFL)
-        _installed = False
+def uninstall(forget: bool = False) -> None:
+    """Put back the handlers `install()` replaced (`--no-exit-signal-handler`, and the end of a run, so that a
+    process that ran training in-process, and the workers it forks later, die on SIGTERM again); `forget` also
+    drops the signals recorded so far."""
+    for sig, handler in _previous.items():
+        signal.signal(sig, handler)
+    _previous.clear()
+    if forget:
+        _received.clear()
 
 
 def received() -> list[str]:

@@ -481,3 +481,4 @@ def main(make_task, parser_factory, argv: list[str] | None = None) -> int:
     finally:
         trainer.close(abort=failed)
         parallel.destroy()
+        signals.uninstall(forget=True)  # an in-process run leaves SIGTERM as it found it (forked workers die on it)
