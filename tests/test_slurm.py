@@ -84,9 +84,10 @@ def test_a_job_submitted_once_requeues_itself_until_train_iters_and_matches_an_u
 
     total = 40
     ref = _submit(slurm, toy_pretrain, tmp_path / "reference", total, [], {})
-    # 1.5 s per step: 40 steps outlast the first job's signal (sent 30-90 s into a 2-minute limit)
+    # 2.5 s per step: 40 steps (~2 min with start-up) outlast the first job's 2-minute limit, whose signal comes
+    # 30-90 s in (SLURM sends it up to a minute early); the requeued run finishes well within its own limit
     job = _submit(slurm, toy_pretrain, tmp_path / "interrupted", total, ["--time=2", "--signal=USR1@30"],
-                  {"CSLM_TEST_STALL": "*:*:1.5"})
+                  {"CSLM_TEST_STALL": "*:*:2.5"})
     reference, interrupted = _wait(slurm, ref), _wait(slurm, job)
     log = (tmp_path / "interrupted" / f"cslm-{job}.out").read_text()
     assert reference["JobState"] == "COMPLETED", (tmp_path / "reference" / f"cslm-{ref}.out").read_text()[-3000:]

@@ -9,7 +9,9 @@ and at every step boundary (collectively, so all ranks stop at the same step).
 Invariants:
 - Handlers only record the signal; nothing is done inside a handler (it may interrupt a collective).
 - `install()` is idempotent; `uninstall()` restores the handlers it replaced (`--no-exit-signal-handler`, after
-  which a signal that was already recorded still counts; and the end of a run, which forgets them).
+  which a signal that was already recorded still counts). A trainer that installed them itself (run in-process,
+  not through an entry point) restores them when it ends; an entry point's stay until the process exits, so a
+  signal that arrives during teardown, after the last save, is harmless.
 - Importing this module imports nothing heavy.
 """
 from __future__ import annotations
@@ -25,12 +27,15 @@ def _record(signum, frame) -> None:
     _received.append(signum)
 
 
-def install() -> None:
-    """Record SIGTERM/SIGUSR1 from now on instead of dying (main thread only, as Python requires)."""
-    if not _previous:
-        for sig in EXIT_SIGNALS:
-            previous = signal.signal(sig, _record)
-            _previous[sig] = signal.SIG_DFL if previous is None else previous
+def install() -> bool:
+    """Record SIGTERM/SIGUSR1 from now on instead of dying (main thread only, as Python requires). True when this
+    call installed them, False when they already were (an entry point did, at process start)."""
+    if _previous:
+        return False
+    for sig in EXIT_SIGNALS:
+        previous = signal.signal(sig, _record)
+        _previous[sig] = signal.SIG_DFL if previous is None else previous
+    return True
 
 
 def uninstall(forget: bool = False) -> None:

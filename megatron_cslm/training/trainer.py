@@ -174,7 +174,9 @@ class _ExitSignal:
     default actions."""
 
     def __init__(self, enabled: bool):
-        (signals.install if enabled else signals.uninstall)()
+        if not enabled:
+            signals.uninstall()
+        self.owned = enabled and signals.install()  # installed here (in-process run), not by an entry point
 
     def any_rank(self) -> bool:
         flag = torch.tensor([int(bool(signals.received()))], dtype=torch.int32,
@@ -481,4 +483,5 @@ def main(make_task, parser_factory, argv: list[str] | None = None) -> int:
     finally:
         trainer.close(abort=failed)
         parallel.destroy()
-        signals.uninstall(forget=True)  # an in-process run leaves SIGTERM as it found it (forked workers die on it)
+        if trainer.exit_signal.owned:  # run in-process: leave SIGTERM as it was found (forked workers die on it)
+            signals.uninstall(forget=True)
