@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from megatron_cslm.argtypes import check_settings, positive_int, setting
 from megatron_cslm.distributed import cpu_mode
+from megatron_cslm.distributed.ports import free_port
 from megatron_cslm.distributed.quiet import gloo_connection_lines_hidden
 from megatron_cslm.errors import CslmError
 
@@ -115,13 +116,20 @@ def _create_groups(parallel: ParallelConfig, device: str, world_size: int, rank:
     from megatron.core import parallel_state
 
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
+        init_method = None  # env://: MASTER_ADDR/MASTER_PORT, as torchrun and SLURM launchers set them
+        if world_size == 1 and "MASTER_PORT" not in os.environ:
+            # a lone process (a tool's --verify, an in-process test) agrees on a port with nobody: take a free
+            # one, and leave the environment alone (a fixed 29500 collided with any other job on the machine,
+            # and leaked into the processes this one starts later)
+            init_method = f"tcp://127.0.0.1:{free_port()}"
+        else:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", "29500")
         if device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(
-            backend="nccl" if device == "cuda" else "gloo", world_size=world_size, rank=rank,
-            timeout=datetime.timedelta(minutes=timeout_minutes))
+            backend="nccl" if device == "cuda" else "gloo", init_method=init_method, world_size=world_size,
+            rank=rank, timeout=datetime.timedelta(minutes=timeout_minutes))
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=parallel.tensor_model_parallel_size,

@@ -24,6 +24,7 @@ import contextlib
 import faulthandler
 import logging
 import math
+import os
 import sys
 import traceback
 from dataclasses import dataclass
@@ -477,7 +478,8 @@ def main(make_task, parser_factory, argv: list[str] | None = None) -> int:
         # --distributed-timeout-minutes ran out: end like a stall (stacks in the log, exit 76, requeued)
         traceback.print_exc()
         faulthandler.dump_traceback(all_threads=True)
-        raise CslmError(message=f"rank {dist.get_rank()}: a collective timed out after "
+        rank = dist.get_rank() if dist.is_initialized() else os.environ.get("RANK", "?")  # (also during set-up)
+        raise CslmError(message=f"rank {rank}: a collective timed out after "
                         f"{trainer.cfg.runtime.distributed_timeout_minutes} min ({str(e).splitlines()[0][:200]})",
                         kind="stalled", reason="collective_timeout") from e
     finally:
