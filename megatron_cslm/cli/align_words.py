@@ -23,8 +23,13 @@ import argparse
 import json
 
 from megatron_cslm.cli import add_debug_flag, positive_float, positive_int, run_tool, tool_parser
-from megatron_cslm.cli.speech_flags import add_audio_limit_flags, add_shard_flags
-from megatron_cslm.errors import CslmError
+from megatron_cslm.cli.speech_flags import (
+    add_audio_limit_flags,
+    add_shard_flags,
+    audio_limits,
+    default_device,
+    job_rank,
+)
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,20 +62,14 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = get_args(argv)
-    from megatron_cslm.cli.tokenize_speech import default_device
     from megatron_cslm.speech.align import CtcAligner
     from megatron_cslm.speech.align_shards import align_words
-    from megatron_cslm.speech.audio import AudioLimits
-    from megatron_cslm.speech.sharded import JobRank
 
-    try:
-        shard = JobRank.resolve(args.shard_index, args.num_shards)
-    except ValueError as e:
-        raise CslmError.usage(str(e), "--shard-index") from None
+    shard = job_rank(args)
     aligner = CtcAligner(args.ctc_model, device=args.device or default_device(),
                          max_frame_ratio=args.max_length_mismatch)
     stats = align_words(args.input, args.output, aligner, shard, audio_root=args.audio_root,
-                        limits=AudioLimits(args.min_seconds, args.max_seconds, args.min_peak),
+                        limits=audio_limits(args),
                         chunk_items=args.chunk_items, progress=not args.no_progress)
     if shard.rank == 0 or not shard.distributed:
         print(json.dumps(stats, indent=2, ensure_ascii=False))

@@ -25,12 +25,17 @@ import json
 
 from megatron_cslm.argtypes import nonnegative_float
 from megatron_cslm.cli import add_debug_flag, nonnegative_int, positive_float, positive_int, run_tool, tool_parser
-from megatron_cslm.cli.speech_flags import add_audio_limit_flags, add_shard_flags
-from megatron_cslm.speech.audio import AudioLimits
+from megatron_cslm.cli.speech_flags import (
+    add_audio_limit_flags,
+    add_shard_flags,
+    audio_limits,
+    default_device,
+    job_rank,
+)
 from megatron_cslm.speech.extract import AUTOCAST_DTYPES, UNITS_PER_SECOND
 from megatron_cslm.speech.identity import DEFAULT_S3_TOKENIZER
 from megatron_cslm.speech.onnx_backend import BACKENDS, build_extractor
-from megatron_cslm.speech.sharded import JobRank, tokenize_speech
+from megatron_cslm.speech.sharded import tokenize_speech
 from megatron_cslm.speech.sources import PAST_END_TOLERANCE_S, open_speech_source
 
 
@@ -109,17 +114,9 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def default_device() -> str:
-    import os
-
-    import torch
-
-    return f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = get_args(argv)
-    shard = JobRank.resolve(args.shard_index, args.num_shards)
+    shard = job_rank(args)
     source = open_speech_source(
         args.manifest, args.lhotse_cuts, args.lhotse_recordings, args.lhotse_supervisions, args.lhotse_shar,
         args.hf_dataset, args.trim_to_supervisions, args.past_end_tolerance, audio_column=args.audio_column,
@@ -129,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
                                 device=args.device or default_device(), batch_seconds=args.batch_seconds,
                                 precision=args.precision)
     stats = tokenize_speech(source, args.output, extractor, shard, rejects=args.rejects, workers=args.workers,
-                            dedup=args.dedup, limits=AudioLimits(args.min_seconds, args.max_seconds, args.min_peak),
+                            dedup=args.dedup, limits=audio_limits(args),
                             chunk_items=args.chunk_items, progress=not args.no_progress)
     if shard.rank == 0 or not shard.distributed:
         print(json.dumps(stats, indent=2, ensure_ascii=False))
