@@ -148,6 +148,16 @@ def padded_vocab_size(vocab_size: int, tensor_parallel_size: int, multiple: int 
     return int(math.ceil(vocab_size / step) * step)
 
 
+def run_padded_vocab_size(vocab_size: int, checkpoint_padded: int | None, tensor_parallel_size: int,
+                          multiple: int = VOCAB_PAD_MULTIPLE) -> int:
+    """The padded vocabulary a run builds: the checkpoint's padding when it splits evenly at this TP (weights load
+    as saved), otherwise padded for this TP (megatron-core loads embeddings whose padding differs; extra rows are
+    zero). The trainer and `cslm plan` both use it."""
+    if checkpoint_padded and checkpoint_padded % (multiple * tensor_parallel_size) == 0:
+        return checkpoint_padded
+    return padded_vocab_size(vocab_size, tensor_parallel_size, multiple)
+
+
 @dataclass(frozen=True)
 class PrecisionConfig:
     """Numerics of a run. BF16 on GPU, FP32 on CPU; FP8 through Transformer Engine only."""

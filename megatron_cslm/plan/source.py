@@ -14,7 +14,7 @@ from pathlib import Path
 
 from megatron_cslm.checkpoint.manifest import MANIFEST, ModelManifest
 from megatron_cslm.errors import CslmError
-from megatron_cslm.models.llama import ARCHS, VOCAB_PAD_MULTIPLE, LlamaArch, padded_vocab_size
+from megatron_cslm.models.llama import ARCHS, VOCAB_PAD_MULTIPLE, LlamaArch, run_padded_vocab_size
 from megatron_cslm.text.markup import SpecialTokens
 
 NUM_SPECIALS = len(SpecialTokens().as_list())
@@ -28,11 +28,8 @@ class ModelSpec:
     pad_multiple: int = VOCAB_PAD_MULTIPLE
 
     def padded_vocab(self, tp: int) -> int:
-        """The trainer's rule (training/trainer.py run_padded_vocab): keep the checkpoint's padding if it splits
-        evenly over TP, else pad to pad_multiple x TP."""
-        if self.checkpoint_padded_vocab and self.checkpoint_padded_vocab % (self.pad_multiple * tp) == 0:
-            return self.checkpoint_padded_vocab
-        return padded_vocab_size(self.arch.vocab_size, tp, self.pad_multiple)
+        """The trainer's padded vocabulary at this TP (models.llama.run_padded_vocab_size)."""
+        return run_padded_vocab_size(self.arch.vocab_size, self.checkpoint_padded_vocab, tp, self.pad_multiple)
 
 
 def resolve_model(model: str, num_units: int, pad_multiple: int = VOCAB_PAD_MULTIPLE) -> ModelSpec:

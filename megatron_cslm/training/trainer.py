@@ -48,7 +48,7 @@ from megatron_cslm.distributed import parallel
 from megatron_cslm.distributed.watchdog import StepWatchdog, stall_for_tests
 from megatron_cslm.errors import EXIT_RESTART, CslmError, record_exit_status
 from megatron_cslm.models.flops import train_flops_per_token
-from megatron_cslm.models.llama import ARCHS, LlamaArch, padded_vocab_size, transformer_config
+from megatron_cslm.models.llama import ARCHS, LlamaArch, run_padded_vocab_size, transformer_config
 from megatron_cslm.training import signals
 from megatron_cslm.training.config import RunConfig
 from megatron_cslm.training.data import data_speech_tokenizer
@@ -137,15 +137,6 @@ def resolve_model(cfg: RunConfig, start: StartPoint) -> ModelSource:
         raise CslmError.usage("--model-arch runs need --tokenizer-model (a saved SpeechTextTokenizer directory)")
     tokenizer = SpeechTextTokenizer.from_pretrained(m.tokenizer_model)
     return ModelSource(ARCHS[m.model_arch].with_vocab(tokenizer.vocab_size), Path(m.tokenizer_model))
-
-
-def run_padded_vocab(source: ModelSource, tp: int, multiple: int) -> int:
-    """Keep the checkpoint's vocabulary padding when it splits evenly at this TP (weights load as saved);
-    otherwise pad for this TP: megatron-core loads embeddings whose padding differs (extra rows are zero)."""
-    step = multiple * tp
-    if source.checkpoint_padded_vocab and source.checkpoint_padded_vocab % step == 0:
-        return source.checkpoint_padded_vocab
-    return padded_vocab_size(source.arch.vocab_size, tp, multiple)
 
 
 SCHEDULE_FLAGS = {"train_iters": "--train-iters", "global_batch_size": "--global-batch-size", "lr": "--lr",
@@ -252,7 +243,8 @@ class Trainer:
         self.speech_tokenizer = data_speech_tokenizer(cfg.data.data_path, cfg.data.valid_data_path,
                                                       self.source.manifest, self.start.directory)
         tp = cfg.parallel.tensor_model_parallel_size
-        self.padded_vocab = run_padded_vocab(self.source, tp, cfg.model.make_vocab_size_divisible_by)
+        self.padded_vocab = run_padded_vocab_size(self.source.arch.vocab_size, self.source.checkpoint_padded_vocab,
+                                                  tp, cfg.model.make_vocab_size_divisible_by)
         m = cfg.model
         vpp = cfg.parallel.virtual_size(self.source.arch.num_layers)
         parallel.use_virtual_pipeline(vpp)
