@@ -25,11 +25,13 @@ from __future__ import annotations
 import collections
 import gc
 import io
+import itertools
 import json
 import math
 import os
 import pickle
 import struct
+import threading
 import uuid
 import zipfile
 from pathlib import Path
@@ -56,6 +58,20 @@ from megatron_cslm.fileio import DataError, atomic_open
 DATA_FILE = "__0_0.distcp"
 MCORE_CONFIG = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch",
                 "common_backend_version": 1}
+
+
+def exact_storage(t: torch.Tensor) -> torch.Tensor:
+    """Contiguous `t` over a storage of exactly its bytes, sharing its memory (no copy).
+
+    torch.save writes a tensor's whole storage, so a chunk viewed in a larger buffer (a pool buffer, a row
+    range of a matrix) would drag the rest along; a storage slice is a storage of its own that points into
+    the original memory (and keeps it alive)."""
+    nbytes = t.numel() * t.element_size()
+    if t.untyped_storage().nbytes() == nbytes:
+        return t
+    start = t.storage_offset() * t.element_size()
+    storage = t.untyped_storage()[start:start + nbytes]
+    return torch.empty(0, dtype=t.dtype).set_(storage, 0, t.shape)
 
 
 class DistCheckpointWriter:
@@ -89,9 +105,7 @@ class DistCheckpointWriter:
         if len(offset) != len(global_shape) or chunk.dim() != len(global_shape) or any(
                 o + s > g for o, s, g in zip(offset, chunk.shape, global_shape)):
             raise ValueError(f"{key}: chunk {list(chunk.shape)} at {list(offset)} does not fit {list(global_shape)}")
-        chunk = chunk.detach().contiguous()
-        if chunk.untyped_storage().nbytes() != chunk.numel() * chunk.element_size():
-            chunk = chunk.clone()  # torch.save writes the whole storage of a view
+        chunk = exact_storage(chunk.detach().contiguous())
         md = self._tensors.setdefault(key, TensorStorageMetadata(TensorProperties(dtype=chunk.dtype), global_shape, []))
         if md.size != global_shape or md.properties.dtype != chunk.dtype:
             raise ValueError(f"{key}: chunks disagree on global shape/dtype ({list(md.size)} {md.properties.dtype} "
@@ -235,6 +249,7 @@ class DistCheckpointReader:
                             kind="checkpoint")
         self._reader = FileSystemReader(str(self.directory))
         self._raw_offsets: dict[MetadataIndex, int | None] = {}
+        self._local = threading.local()  # per-thread scratch for regions that are not contiguous in a buffer
         try:
             self.metadata = self._reader.read_metadata()
         except Exception as e:  # a truncated or corrupt .metadata pickle: name it
@@ -249,10 +264,20 @@ class DistCheckpointReader:
         return md
 
     def read(self, regions: dict[str, tuple[Sequence[int], Sequence[int]]]) -> dict[str, torch.Tensor]:
-        """{key: (offset, shape)} -> {key: tensor} in the stored dtype: read directly when every overlapping
-        chunk is a plain tensor record, else all in one DCP pass."""
+        """{key: (offset, shape)} -> {key: tensor} in the stored dtype (new buffers; see `read_into`)."""
         buffers = {key: torch.empty(tuple(shape), dtype=self.tensor_meta(key).properties.dtype)
                    for key, (_, shape) in regions.items()}
+        return self.read_into(regions, buffers)
+
+    def read_into(self, regions: dict[str, tuple[Sequence[int], Sequence[int]]],
+                  buffers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Fill `buffers` (the stored dtype, each of its region's shape) with {key: (offset, shape)} regions:
+        read directly when every overlapping chunk is a plain tensor record, else all in one DCP pass."""
+        for key, (_, shape) in regions.items():
+            dtype = self.tensor_meta(key).properties.dtype
+            if tuple(buffers[key].shape) != tuple(shape) or buffers[key].dtype != dtype:
+                raise ValueError(f"{key}: buffer {list(buffers[key].shape)} {buffers[key].dtype} for a region of "
+                                 f"{list(shape)} {dtype}")
         if self._read_raw(regions, buffers):
             return buffers
         return self._read_dcp(regions, buffers)
@@ -283,13 +308,8 @@ class DistCheckpointReader:
                     if raw is None:
                         return False
                     dest = buffers[key][tuple(slice(lo - o, hi - o) for (lo, hi), o in zip(box, offset))]
-                    whole = all(lo == c and hi == c + n for (lo, hi), c, n in zip(box, chunk.offsets, chunk.sizes))
-                    if whole and dest.is_contiguous():
-                        pread_into(fd, dest, raw, self.directory / info.relative_path, key)
-                    else:
-                        stored = torch.empty(tuple(chunk.sizes), dtype=md.properties.dtype)
-                        pread_into(fd, stored, raw, self.directory / info.relative_path, key)
-                        dest.copy_(stored[tuple(slice(lo - c, hi - c) for (lo, hi), c in zip(box, chunk.offsets))])
+                    within = [(lo - c, hi - c) for (lo, hi), c in zip(box, chunk.offsets)]
+                    self._pread_box(fd, raw, chunk.sizes, within, dest, self.directory / info.relative_path, key)
                     covered += dest.numel()
                 if covered != buffers[key].numel():  # gaps or overlaps: let DCP decide what they mean
                     return False
@@ -299,6 +319,34 @@ class DistCheckpointReader:
             for fd in fds.values():
                 os.close(fd)
         return True
+
+    def _pread_box(self, fd: int, raw: int, sizes: Sequence[int], box: list[tuple[int, int]], dest: torch.Tensor,
+                   path: Path, key: str) -> None:
+        """Read the `box` of a stored row-major chunk of `sizes` (raw bytes at `raw`) into `dest`, one `pread` per
+        contiguous run of the box (one run when it is whole rows of the chunk, the common case): straight into
+        `dest` where it is contiguous, else through this thread's reused scratch (no chunk-sized temporary)."""
+        if not sizes:  # a scalar
+            return pread_into(fd, dest, raw, path, key)
+        partial = [d for d, ((lo, hi), n) in enumerate(zip(box, sizes)) if hi - lo != n]
+        k = partial[-1] if partial else 0  # dims after k are whole: each run is box[k] x sizes[k + 1:]
+        strides, itemsize = _contiguous_strides(sizes), dest.element_size()
+        for outer in itertools.product(*(range(lo, hi) for lo, hi in box[:k])):
+            start = sum(i * s for i, s in zip((*outer, box[k][0]), strides)) * itemsize
+            target = dest[tuple(i - lo for i, (lo, _) in zip(outer, box))]  # box[k] x sizes[k + 1:]
+            if target.is_contiguous():
+                pread_into(fd, target, raw + start, path, key)
+            else:
+                staged = self._scratch(tuple(target.shape), dest.dtype)
+                pread_into(fd, staged, raw + start, path, key)
+                target.copy_(staged)
+
+    def _scratch(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A contiguous `shape` view of this thread's scratch bytes, grown (never shrunk) as needed."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        buffer = getattr(self._local, "scratch", None)
+        if buffer is None or buffer.numel() < nbytes:
+            buffer = self._local.scratch = torch.empty(nbytes, dtype=torch.uint8)
+        return buffer[:nbytes].view(dtype).view(shape)
 
     def _read_dcp(self, regions: dict[str, tuple[Sequence[int], Sequence[int]]],
                   buffers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

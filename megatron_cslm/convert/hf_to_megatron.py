@@ -19,12 +19,15 @@ Output (Megatron-LM layout; the tracker is written last, so a crashed conversion
 """
 from __future__ import annotations
 
+import collections
+import dataclasses
+import functools
+import math
 import os
-import queue
 import shutil
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from tqdm import tqdm
@@ -39,14 +42,15 @@ from megatron_cslm.convert.layout import (
     OUTPUT,
     extra_state_key,
     hf_layer_names,
-    hf_layer_to_megatron,
     hf_tensor_specs,
+    layer_chunks,
     layer_row_map,
     megatron_layer_shapes,
+    row_chunks,
 )
-from megatron_cslm.convert.rawio import read_ahead
+from megatron_cslm.convert.rawio import BufferPool, read_ahead
 from megatron_cslm.convert.safetensors_io import HFCheckpoint
-from megatron_cslm.convert.vocab import expansion_units, tail_rows
+from megatron_cslm.convert.vocab import BLOCK_ROWS, RowMoments, draw_new_rows, expansion_units, moment_scratch
 from megatron_cslm.errors import CslmError
 from megatron_cslm.fileio import DataError, atomic_open, make_dirs
 from megatron_cslm.models.llama import LlamaArch, check_parallel_fit, padded_vocab_size
@@ -69,115 +73,144 @@ def expansion_tokenizer(tokenizer_dir: str | Path, num_units: int) -> SpeechText
     return speech if speech.num_units == num_units else SpeechTextTokenizer(tokenizer_dir, num_units)
 
 
-# One write to the megatron checkpoint: (key, chunk, global shape, offset) for a tensor chunk, (key, None, None,
-# None) for a per-layer `_extra_state` object.
-Write = tuple[str, "torch.Tensor | None", "tuple[int, ...] | None", "tuple[int, ...] | None"]
+CHUNK_BYTES = 32 * 2**20  # bytes per stored chunk: one record of the output, one pool buffer
+POOL_BUFFERS = 4  # one being filled, two read ahead, one being written
 
 
-def _read(checkpoint: HFCheckpoint, name: str) -> torch.Tensor:
-    """A whole HF tensor in its stored dtype, read straight into a new buffer."""
-    dtype = checkpoint.dtype(name)
-    if dtype is None:  # a dtype this reader does not know: safetensors' own reader
-        return checkpoint.get(name)
-    out = torch.empty(tuple(checkpoint.shape(name)), dtype=dtype)
-    checkpoint.read_into(name, out)
-    return out
+@dataclasses.dataclass(frozen=True)
+class _Chunk:
+    """One record of the output: `shape` rows of global tensor `key` at `offset`, then `objects` (the layer's
+    `_extra_state` keys, after its last chunk). `fill` writes the rows into a buffer view of `shape` without
+    the layer axis."""
+    key: str
+    global_shape: tuple[int, ...]
+    offset: tuple[int, ...]
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    fill: Callable[[torch.Tensor], None]
+    objects: tuple[str, ...] = ()
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
-class _LayerReader:
-    """Reads decoder layers into megatron-core's fused layout, in sets of buffers that are reused once written."""
-
-    def __init__(self, checkpoint: HFCheckpoint, arch: LlamaArch, sets: int):
-        self.checkpoint, self.arch = checkpoint, arch
-        self.free: queue.Queue = queue.Queue()
-        names = hf_layer_names(0)
-        dtypes = {checkpoint.dtype(n) for n in names.values()}
-        self.dtype = dtypes.pop() if len(dtypes) == 1 else None  # mixed or unknown dtypes: the tensor route
-        for _ in range(sets if self.dtype is not None else 0):
-            self.free.put({k: torch.empty(s, dtype=self.dtype) for k, s in megatron_layer_shapes(arch).items()})
-
-    def read(self, i: int) -> tuple[dict[str, torch.Tensor], Callable[[], None]]:
-        """Layer i's megatron tensors, and the call that hands their buffers back once they are written."""
-        names = hf_layer_names(i)
-        if self.dtype is None or any(self.checkpoint.dtype(n) != self.dtype for n in names.values()):
-            hf = {part: self.checkpoint.get(name) for part, name in names.items()}
-            return hf_layer_to_megatron(hf, self.arch), lambda: None
-        buffers = self.free.get()
-        for block in layer_row_map(self.arch):
-            rows = buffers[block.key][block.megatron_row:block.megatron_row + block.rows]
-            self.checkpoint.read_into(names[block.part], rows, block.hf_row)
-        return buffers, lambda: self.free.put(buffers)
+def _dtype(checkpoint: HFCheckpoint, names: Iterable[str]) -> torch.dtype:
+    """The megatron dtype of a tensor made of these HF tensors (their common dtype, as `torch.cat` would)."""
+    dtypes = [checkpoint.dtype(n) or checkpoint.get(n).dtype for n in names]
+    return functools.reduce(torch.promote_types, dtypes)
 
 
-def _rows_tasks(checkpoint: HFCheckpoint, name: str, key: str, new_count: int, padded: int, seed: int,
-                rows_ready: Callable[[], torch.Tensor | None] | None = None
-                ) -> list[Callable[[], tuple[list[Write], Callable[[], None]]]]:
-    """Existing rows as one chunk, then (a second task, run while the first is written) new + padding rows as a
-    second chunk of the same global tensor (`rows_ready`: their result, when computed elsewhere earlier)."""
-    held: dict[str, torch.Tensor] = {}
-
-    def existing():
-        held["weight"] = weight = _read(checkpoint, name)
-        return [(key, weight, (padded, weight.shape[1]), (0, 0))], lambda: None
-
-    def tail():
-        weight = held.pop("weight")
-        rows = rows_ready() if rows_ready is not None else tail_rows(weight, new_count, padded, seed)
-        return ([] if rows is None else [(key, rows, (padded, weight.shape[1]), (weight.shape[0], 0))]), lambda: None
-
-    return [existing, tail]
+def _read_rows(checkpoint: HFCheckpoint, name: str, out: torch.Tensor, row: int) -> None:
+    """Rows `row`.. of HF tensor `name` into `out`: `pread` straight in, or (another dtype) through a copy."""
+    if checkpoint.dtype(name) == out.dtype:
+        checkpoint.read_into(name, out, row)
+    else:  # dtypes `read_into` cannot place as is: rare, so the whole tensor is read and cast
+        out.copy_(checkpoint.get(name)[row:row + out.shape[0]])
 
 
-def _layer_task(layers: _LayerReader, arch: LlamaArch, i: int) -> Callable[[], tuple[list[Write], Callable]]:
-    """Layer i as chunk i of each stacked tensor, then its `_extra_state` objects."""
-    def task():
-        n = arch.num_layers
-        tensors, release = layers.read(i)
-        writes = [(key, t.unsqueeze(0), (n, *t.shape), (i,) + (0,) * t.dim()) for key, t in tensors.items()]
-        return writes + [(extra_state_key(m, i, n), None, None, None) for m in EXTRA_STATE_MODULES], release
-    return task
+def _layer_chunks(checkpoint: HFCheckpoint, arch: LlamaArch, i: int, chunk_bytes: int) -> list[_Chunk]:
+    """Layer i: each stacked tensor's slice as (1, rows, ...) chunks at (i, row, 0), each filled from the HF row
+    blocks that land in it (`layout.layer_chunks`), then the layer's `_extra_state` objects."""
+    names, n, parts = hf_layer_names(i), arch.num_layers, collections.defaultdict(set)
+    for block in layer_row_map(arch):
+        parts[block.key].add(names[block.part])
+    dtypes = {key: _dtype(checkpoint, parts[key]) for key in parts}
+    shapes, chunks = megatron_layer_shapes(arch), []
+    for piece in layer_chunks(arch, chunk_bytes, {key: dtype.itemsize for key, dtype in dtypes.items()}):
+        shape = shapes[piece.key]
+
+        def fill(data: torch.Tensor, sources=piece.sources) -> None:
+            for part, hf_row, row, count in sources:  # data[0]: the layer axis is the chunk's first
+                _read_rows(checkpoint, names[part], data[0, row:row + count], hf_row)
+        chunks.append(_Chunk(piece.key, (n, *shape), (i, piece.row) + (0,) * (len(shape) - 1),
+                             (1, piece.rows, *shape[1:]), dtypes[piece.key], fill))
+    chunks[-1] = dataclasses.replace(chunks[-1], objects=tuple(extra_state_key(m, i, n) for m in EXTRA_STATE_MODULES))
+    return chunks
+
+
+def _matrix_chunks(checkpoint: HFCheckpoint, name: str, key: str, new_count: int, padded: int, seed: int,
+                   scratch: torch.Tensor | None, chunk_bytes: int) -> list[_Chunk]:
+    """An embedding-shaped matrix as row chunks; with new rows, their moments are summed as the existing rows
+    stream by, and the new rows (`vocab.tail_rows`'s values, drawn in `scratch`) and the zero padding follow
+    as the last chunks."""
+    v, h = checkpoint.shape(name)
+    dtype = _dtype(checkpoint, [name])
+    if padded < v + new_count:
+        raise ValueError(f"padded rows {padded} < {v} existing + {new_count} new rows")
+    moments = RowMoments(h, scratch) if new_count else None
+    row_bytes = h * dtype.itemsize
+    drawn: list[torch.Tensor] = []
+
+    def existing(data: torch.Tensor, r: int) -> None:
+        _read_rows(checkpoint, name, data, r)
+        if moments is not None:
+            moments.add(data)
+
+    def tail(data: torch.Tensor, r: int) -> None:
+        if new_count and not drawn:  # every existing row has gone by: the moments are complete
+            drawn.append(draw_new_rows(*moments.result(), new_count, torch.Generator().manual_seed(seed), scratch))
+        split = max(0, min(data.shape[0], v + new_count - r))
+        if split:
+            data[:split].copy_(drawn[0][r - v:r - v + split])
+        data[split:].zero_()
+
+    multiple = BLOCK_ROWS if new_count else 1
+    chunks = [_Chunk(key, (padded, h), (r, 0), (rows, h), dtype, functools.partial(existing, r=r))
+              for r, rows in row_chunks(v, row_bytes, chunk_bytes, multiple)]
+    chunks += [_Chunk(key, (padded, h), (v + r, 0), (rows, h), dtype, functools.partial(tail, r=v + r))
+               for r, rows in row_chunks(padded - v, row_bytes, chunk_bytes)]
+    return chunks
+
+
+def plan_chunks(checkpoint: HFCheckpoint, arch: LlamaArch, new_rows: int, padded: int, seed: int,
+                chunk_bytes: int = CHUNK_BYTES) -> list[_Chunk]:
+    """Every record of the output, in write order: embedding, layers, final norm, head."""
+    scratch = moment_scratch(arch.hidden_size, new_rows) if new_rows else None  # shared: used one matrix at a time
+    chunks = _matrix_chunks(checkpoint, "model.embed_tokens.weight", EMBEDDING, new_rows, padded, seed, scratch,
+                            chunk_bytes)
+    for i in range(arch.num_layers):
+        chunks += _layer_chunks(checkpoint, arch, i, chunk_bytes)
+    h = arch.hidden_size
+    chunks.append(_Chunk(FINAL_NORM, (h,), (0,), (h,), _dtype(checkpoint, ["model.norm.weight"]),
+                         lambda data: _read_rows(checkpoint, "model.norm.weight", data, 0)))
+    if not arch.tie_word_embeddings:
+        chunks += _matrix_chunks(checkpoint, "lm_head.weight", OUTPUT, new_rows, padded, seed + 1, scratch,
+                                 chunk_bytes)
+    return chunks
 
 
 def write_checkpoint(checkpoint: HFCheckpoint, arch: LlamaArch, directory: Path, new_rows: int, padded: int,
-                     seed: int, common: dict, progress: bool = True) -> None:
-    """Stream the HF tensors into a new `torch_dist` checkpoint directory, reading ahead of the writes.
+                     seed: int, common: dict, progress: bool = True, chunk_bytes: int = CHUNK_BYTES) -> None:
+    """Stream the HF tensors into a new `torch_dist` checkpoint directory through `POOL_BUFFERS` reused buffers:
+    a background thread fills the next chunks (reads, and the moments and new rows) while this one writes."""
+    chunks = plan_chunks(checkpoint, arch, new_rows, padded, seed, chunk_bytes)
+    pool = BufferPool(max(c.nbytes for c in chunks), POOL_BUFFERS)
 
-    The head's new rows need a float64 pass over the whole head (seconds of CPU at 8B): a side thread computes
-    them while the layers are written, starting at layer 1 (the embedding is released by then, so one matrix
-    at a time stays in memory); only the rows are kept, the head itself is read again at the end."""
-    layers = _LayerReader(checkpoint, arch, sets=2)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="head-rows") as side:
-        head_rows: list = []
-        early = not arch.tie_word_embeddings and new_rows > 0
+    def filled(chunk: _Chunk) -> Callable[[], tuple[_Chunk, torch.Tensor]]:
+        def task():
+            buffer = pool.acquire()
+            try:
+                chunk.fill(pool.view(buffer, chunk.dtype, chunk.shape))
+            except BaseException:
+                pool.release(buffer)
+                raise
+            return chunk, buffer
+        return task
 
-        def layer_task(i: int):
-            task = _layer_task(layers, arch, i)
-            if not early or i != min(1, arch.num_layers - 1):
-                return task
-
-            def start_head_rows_then_read():
-                head_rows.append(side.submit(
-                    lambda: tail_rows(_read(checkpoint, "lm_head.weight"), new_rows, padded, seed + 1)))
-                return task()
-            return start_head_rows_then_read
-
-        tasks = _rows_tasks(checkpoint, "model.embed_tokens.weight", EMBEDDING, new_rows, padded, seed)
-        tasks += [layer_task(i) for i in range(arch.num_layers)]
-        tasks.append(lambda: ([(FINAL_NORM, _read(checkpoint, "model.norm.weight"), None, None)], lambda: None))
-        if not arch.tie_word_embeddings:
-            tasks += _rows_tasks(checkpoint, "lm_head.weight", OUTPUT, new_rows, padded, seed + 1,
-                                 (lambda: head_rows[0].result()) if early else None)
-        with DistCheckpointWriter(directory) as writer, \
-                tqdm(total=len(tasks), desc="hf -> megatron", unit="group", disable=not progress) as bar:
-            for writes, release in read_ahead(tasks, depth=1):
-                for key, tensor, global_shape, offset in writes:
-                    if tensor is None:
-                        writer.add_object(key, None)
-                    else:
-                        writer.add_tensor(key, tensor, global_shape, offset)
-                release()
-                bar.update()
-            writer.finish(common)
+    with DistCheckpointWriter(directory) as writer, \
+            tqdm(total=sum(c.nbytes for c in chunks), desc="hf -> megatron", unit="B", unit_scale=True,
+                 disable=not progress) as bar:
+        for chunk, buffer in read_ahead(map(filled, chunks), depth=POOL_BUFFERS - 2):
+            try:  # the buffer goes back even on failure: the reader may be waiting for it
+                writer.add_tensor(chunk.key, pool.view(buffer, chunk.dtype, chunk.shape), chunk.global_shape,
+                                  chunk.offset)
+            finally:
+                pool.release(buffer)
+            for key in chunk.objects:
+                writer.add_object(key, None)
+            bar.update(chunk.nbytes)
+        writer.finish(common)
 
 
 def convert_hf_to_megatron(hf_dir: str | Path, out: str | Path, *, tensor_parallel_size: int = 1,

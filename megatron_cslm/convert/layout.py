@@ -19,6 +19,8 @@ HF and megatron-core both apply RoPE with the rotate-half convention, so q/k row
 which megatron tensor), so the converters can read each block straight into its place in a fused buffer and
 write each HF tensor straight from the blocks of a fused one, without a `torch.cat` or a copy; `fuse_qkv`,
 `split_qkv` and the `*_layer_to_*` functions are the tensor-level statement of it, and both must agree.
+`layer_chunks` cuts a layer into the bounded row chunks both converters stream (a stored chunk of the
+megatron checkpoint each, with the HF row blocks it holds).
 """
 from __future__ import annotations
 
@@ -85,6 +87,39 @@ def layer_row_map(arch: LlamaArch) -> list[RowBlock]:
     return [RowBlock(ATTN_NORM, "attn_norm", 0, 0, h), *qkv, RowBlock(PROJ, "o", 0, 0, h),
             RowBlock(MLP_NORM, "mlp_norm", 0, 0, h), RowBlock(FC1, "gate", 0, 0, f), RowBlock(FC1, "up", 0, f, f),
             RowBlock(FC2, "down", 0, 0, h)]
+
+
+def row_chunks(rows: int, row_bytes: int, chunk_bytes: int, multiple: int = 1) -> list[tuple[int, int]]:
+    """(first row, rows) of consecutive chunks of at most `chunk_bytes` (at least `multiple` rows, and a
+    multiple of it, so fixed-size blocks of rows never straddle two chunks)."""
+    per = max(multiple, chunk_bytes // row_bytes // multiple * multiple)
+    return [(r, min(per, rows - r)) for r in range(0, rows, per)]
+
+
+@dataclass(frozen=True)
+class LayerChunk:
+    """Rows `row`.. (`rows` of them) of one layer's slice of stacked tensor `key`, and the HF row blocks they
+    hold: `sources` is (part, HF row, row within the chunk, rows) per block, in megatron row order."""
+    key: str
+    row: int
+    rows: int
+    sources: tuple[tuple[str, int, int, int], ...]
+
+
+def layer_chunks(arch: LlamaArch, chunk_bytes: int, itemsize: dict[str, int]) -> list[LayerChunk]:
+    """One decoder layer cut into row chunks of at most `chunk_bytes` per stacked tensor (LAYER_KEYS order; a
+    norm is one chunk): the unit both converters stream, each a chunk of the megatron checkpoint and the
+    `layer_row_map` blocks in it. `itemsize`: bytes per element of each megatron key."""
+    blocks, chunks = layer_row_map(arch), []
+    for key, shape in megatron_layer_shapes(arch).items():
+        parts = [b for b in blocks if b.key == key]
+        spans = [(0, shape[0])] if len(shape) == 1 else row_chunks(shape[0], shape[1] * itemsize[key], chunk_bytes)
+        for r, rows in spans:
+            sources = tuple((b.part, b.hf_row + lo - b.megatron_row, lo - r, hi - lo) for b in parts
+                            for lo, hi in [(max(r, b.megatron_row), min(r + rows, b.megatron_row + b.rows))]
+                            if lo < hi)
+            chunks.append(LayerChunk(key, r, rows, sources))
+    return chunks
 
 
 @dataclass(frozen=True)

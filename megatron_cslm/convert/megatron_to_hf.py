@@ -12,6 +12,7 @@ with the checkpoint (speech units as added tokens, Llama-3.1 chat template) is c
 """
 from __future__ import annotations
 
+import math
 import shlex
 import shutil
 import sys
@@ -32,10 +33,11 @@ from megatron_cslm.convert.layout import (
     OUTPUT,
     hf_layer_names,
     hf_tensor_specs,
-    layer_row_map,
+    layer_chunks,
     megatron_layer_shapes,
+    row_chunks,
 )
-from megatron_cslm.convert.rawio import read_ahead
+from megatron_cslm.convert.rawio import BufferPool, read_ahead
 from megatron_cslm.convert.safetensors_io import INDEX_FILE, ShardedSafetensorsWriter
 from megatron_cslm.errors import CslmError
 from megatron_cslm.fileio import DataError, make_dirs, write_json
@@ -61,32 +63,80 @@ def check_shapes(reader: DistCheckpointReader, arch: LlamaArch, padded_vocab: in
                             f"global shape {list(got)}, but cslm_model.json implies {list(shape)}")
 
 
-def _layer_blocks(layer: dict[str, torch.Tensor], arch: LlamaArch, i: int) -> list[tuple[str, list[torch.Tensor]]]:
-    """Layer i's HF tensors, in file order, each as the row blocks (views of `layer`) that concatenate to it."""
-    parts: dict[str, list[tuple[int, torch.Tensor]]] = {}
-    for block in layer_row_map(arch):
-        rows = layer[block.key][block.megatron_row:block.megatron_row + block.rows]
-        parts.setdefault(block.part, []).append((block.hf_row, rows))
-    return [(name, [rows for _, rows in sorted(parts[part], key=lambda p: p[0])])
-            for part, name in hf_layer_names(i).items()]
+CHUNK_BYTES = 32 * 2**20  # bytes read per piece (one pool buffer, plus the cast copy when the dtype changes)
+POOL_BUFFERS = 4  # one being filled, two read ahead, one being written (more wait for the writer threads)
+
+# One read of the megatron checkpoint: (key, (offset, shape)) and the HF row blocks in it, (name, first HF row,
+# index of the block within the region).
+Piece = tuple[str, tuple[tuple[int, ...], tuple[int, ...]], list[tuple[str, int, tuple]]]
+
+
+def plan_pieces(reader: DistCheckpointReader, arch: LlamaArch, chunk_bytes: int = CHUNK_BYTES) -> list[Piece]:
+    """Every read of the export, in HF file order: row chunks of the embedding (padding dropped), each layer's
+    `layout.layer_chunks`, the final norm, the head."""
+    v, h = arch.vocab_size, arch.hidden_size
+    itemsize = {key: reader.tensor_meta(key).properties.dtype.itemsize for key in (EMBEDDING, FINAL_NORM, *LAYER_KEYS)}
+
+    def matrix(key: str, name: str) -> list[Piece]:
+        size = reader.tensor_meta(key).properties.dtype.itemsize
+        return [(key, ((r, 0), (rows, h)), [(name, r, ())]) for r, rows in row_chunks(v, h * size, chunk_bytes)]
+
+    pieces = matrix(EMBEDDING, "model.embed_tokens.weight")
+    shapes = megatron_layer_shapes(arch)
+    for i in range(arch.num_layers):
+        names = hf_layer_names(i)
+        for c in layer_chunks(arch, chunk_bytes, itemsize):
+            shape = shapes[c.key]
+            region = ((i, c.row) + (0,) * (len(shape) - 1), (1, c.rows, *shape[1:]))
+            pieces.append((c.key, region, [(names[part], hf_row, (0, slice(row, row + rows)))
+                                           for part, hf_row, row, rows in c.sources]))
+    pieces.append((FINAL_NORM, ((0,), (h,)), [("model.norm.weight", 0, ())]))
+    if not arch.tie_word_embeddings:
+        pieces += matrix(OUTPUT, "lm_head.weight")
+    return pieces
 
 
 def write_weights(reader: DistCheckpointReader, arch: LlamaArch, out: Path, dtype: torch.dtype,
-                  max_shard_bytes: int, progress: bool = True) -> None:
-    """Stream the checkpoint's tensors into HF shards, reading the next group while this one is written."""
-    v, h = arch.vocab_size, arch.hidden_size
+                  max_shard_bytes: int, progress: bool = True, chunk_bytes: int = CHUNK_BYTES) -> None:
+    """Stream the checkpoint into HF shards through `POOL_BUFFERS` reused buffers: a background thread reads
+    (and casts) the next pieces while the writer threads write this one's blocks at their planned offsets."""
+    pieces = plan_pieces(reader, arch, chunk_bytes)
+    stored = {key: reader.tensor_meta(key).properties.dtype for key, _, _ in pieces}
+
+    def layout(key: str, shape: tuple[int, ...]) -> tuple[int, int]:
+        """Bytes of the stored piece (64-aligned), and of its cast copy after it (0 when none is needed)."""
+        n = math.prod(shape)
+        return -(-n * stored[key].itemsize // 64) * 64, (n * dtype.itemsize if stored[key] != dtype else 0)
+
+    pool = BufferPool(max(sum(layout(key, region[1])) for key, region, _ in pieces), POOL_BUFFERS)
+
+    def task(piece: Piece):
+        def read():
+            key, (offset, shape), blocks = piece
+            buffer = pool.acquire()
+            release = pool.releaser(buffer)
+            try:
+                data = reader.read_into({key: (offset, shape)}, {key: pool.view(buffer, stored[key], shape)})[key]
+                cast_at, cast_bytes = layout(key, shape)
+                if cast_bytes:
+                    data = pool.view(buffer, dtype, shape, at=cast_at).copy_(data)
+            except BaseException:
+                release()
+                raise
+            return [(name, row, data[index]) for name, row, index in blocks], release
+        return read
+
     specs = [(s.name, s.shape) for s in hf_tensor_specs(arch)]
-    tasks = [lambda: [("model.embed_tokens.weight", [reader.read({EMBEDDING: ((0, 0), (v, h))})[EMBEDDING]])]]
-    tasks += [lambda i=i: _layer_blocks(reader.read_layer(LAYER_KEYS, i), arch, i) for i in range(arch.num_layers)]
-    tasks.append(lambda: [("model.norm.weight", [reader.read({FINAL_NORM: ((0,), (h,))})[FINAL_NORM]])])
-    if not arch.tie_word_embeddings:
-        tasks.append(lambda: [("lm_head.weight", [reader.read({OUTPUT: ((0, 0), (v, h))})[OUTPUT]])])
     with ShardedSafetensorsWriter(out, specs, dtype, max_shard_bytes) as writer, \
-            tqdm(total=len(tasks), desc="megatron -> hf", unit="group", disable=not progress) as bar:
-        for group in read_ahead(tasks, depth=1):
-            for name, blocks in group:
-                writer.write(name, blocks)
-            bar.update()
+            tqdm(total=sum(math.prod(region[1]) for _, region, _ in pieces) * dtype.itemsize, desc="megatron -> hf",
+                 unit="B", unit_scale=True, disable=not progress) as bar:
+        for blocks, release in read_ahead(map(task, pieces), depth=POOL_BUFFERS - 2):
+            try:
+                writer.write_rows(blocks, release)
+            except BaseException:
+                release()  # not queued: the reader may be waiting for this buffer
+                raise
+            bar.update(sum(b.numel() for _, _, b in blocks) * dtype.itemsize)
 
 
 def write_configs(out: Path, arch: LlamaArch, dtype: torch.dtype, speech_tokenizer=None) -> None:

@@ -7,9 +7,10 @@ touched page), and the caller can place rows where the output wants them (fused 
 Writing: the shard plan (which tensor goes in which file, at which byte offset) is computed up front from
 the shapes, so each file's header is written first and every tensor is written at its planned offset with
 `pwrite` by a small pool of threads, straight from the tensor's memory (or from several row blocks of it:
-views need no copy), while the caller produces the next one. Files are byte for byte what a serial writer
-writes (the layout is fixed by the plan, not by which thread finishes first); each shard appears under its
-name only once complete, and the index only once every shard is.
+views need no copy), while the caller produces the next one. A tensor may also arrive as row blocks in any
+order (`write_rows`), so a converter streams it through a few reused buffers instead of holding it whole.
+Files are byte for byte what a serial writer writes (the layout is fixed by the plan, not by which thread
+finishes first); each shard appears under its name only once complete, and the index only once every shard is.
 """
 from __future__ import annotations
 
@@ -207,12 +208,13 @@ def plan_safetensors_shards(specs: Sequence[tuple[str, tuple[int, ...]]], dtype:
 
 
 class ShardedSafetensorsWriter:
-    """Writes tensors, in the planned order, into HF shards + `model.safetensors.index.json`.
+    """Writes planned tensors into HF shards + `model.safetensors.index.json`, whole or as blocks of rows.
 
-    Each tensor is written at its planned offset by one of `threads` writer threads while the caller goes
-    on (at most `max_pending_bytes` queued; the tensor is only read, never changed). Use as a context
-    manager: a shard is renamed into place when its last tensor is on disk, the index is written on a clean
-    exit, and an interrupted run leaves no index that points at missing or partial files.
+    Each block is written at its planned offset by one of `threads` writer threads while the caller goes on
+    (at most `max_pending_bytes` queued; the data is only read, never changed, and a `release` callback says
+    when its memory may be reused). Blocks may come in any order (the bytes are fixed by the plan); a shard is
+    renamed into place once all its bytes are on disk, the index is written on a clean exit once every tensor
+    is complete, and an interrupted run leaves no index that points at missing or partial files.
     """
 
     def __init__(self, directory: str | Path, specs: Sequence[tuple[str, tuple[int, ...]]], dtype: torch.dtype,
@@ -222,14 +224,14 @@ class ShardedSafetensorsWriter:
         self.directory = Path(directory)
         self.dtype = dtype
         self.shards = plan_safetensors_shards(specs, dtype, max_shard_bytes)
-        self._order = [(s, name, shape) for s, shard in enumerate(self.shards) for name, shape in shard]
-        self._next = 0
-        self._left = [len(shard) for shard in self.shards]  # tensors of each shard not yet on disk
+        self._where = {name: (s, shape) for s, shard in enumerate(self.shards) for name, shape in shard}
+        self._rows_left = {name: shape[0] if shape else 1 for name, (_, shape) in self._where.items()}
+        self._left = [sum(_nbytes(shape, dtype) for _, shape in shard) for shard in self.shards]  # not yet on disk
         self._fds: dict[int, int] = {}
         self._data_start: dict[int, tuple[int, dict[str, int]]] = {}
         self._stacks: dict[int, contextlib.ExitStack] = {}
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="safetensors-write")
-        self._pending: collections.deque = collections.deque()  # (future, shard, nbytes), in submission order
+        self._pending: collections.deque = collections.deque()  # (future, {shard: nbytes}), in submission order
         self._pending_bytes = 0
         self._max_pending = max_pending_bytes
 
@@ -247,9 +249,10 @@ class ShardedSafetensorsWriter:
             for s in list(self._stacks):  # partial shards: atomic_path deletes them
                 self._stacks.pop(s).__exit__(exc_type or RuntimeError, exc, tb)
         if exc_type is None:
-            if self._next != len(self._order):
-                raise RuntimeError(f"writer closed after {self._next} of {len(self._order)} tensors; next would be "
-                                   f"{self._order[self._next][1]}")
+            missing = [name for name, left in self._rows_left.items() if left]
+            if missing:
+                raise RuntimeError(f"writer closed with {len(missing)} of {len(self._where)} tensors incomplete, "
+                                   f"e.g. {missing[0]}")
             self._write_index()
 
     def _open_shard(self, s: int) -> None:
@@ -270,47 +273,69 @@ class ShardedSafetensorsWriter:
         self._data_start[s] = (8 + len(raw), offsets)
 
     def write(self, name: str, tensor: torch.Tensor | Sequence[torch.Tensor]) -> None:
-        """Queue the next planned tensor (cast to the writer's dtype), given whole or as blocks of rows that
-        concatenate to it (views of a fused matrix: each block is written from its own memory, no copy)."""
+        """Queue a whole tensor (cast to the writer's dtype), given as one or as blocks of rows that concatenate
+        to it (views of a fused matrix: each block is written from its own memory, no copy)."""
         blocks = [tensor] if isinstance(tensor, torch.Tensor) else list(tensor)
-        if self._next >= len(self._order):
-            raise RuntimeError(f"{name}: all planned tensors were already written")
-        s, expected, shape = self._order[self._next]
-        got = (sum(b.shape[0] for b in blocks), *blocks[0].shape[1:]) if blocks[0].dim() else tuple(blocks[0].shape)
-        if name != expected or tuple(got) != shape or any(b.shape[1:] != blocks[0].shape[1:] for b in blocks):
-            raise RuntimeError(f"expected {expected} {list(shape)} next, got {name} {list(got)}")
-        if s not in self._fds:
-            self._open_shard(s)
-        data_start, offsets = self._data_start[s]
-        offset = data_start + offsets[name]
-        data = [b.detach().to(dtype=self.dtype).contiguous() for b in blocks]
-        nbytes = sum(d.numel() for d in data) * self.dtype.itemsize
+        rows = [0]
+        for b in blocks[:-1]:
+            rows.append(rows[-1] + (b.shape[0] if b.dim() else 1))
+        shape = self._where[name][1] if name in self._where else None
+        got = (rows[-1] + blocks[-1].shape[0], *blocks[-1].shape[1:]) if blocks[-1].dim() else ()
+        if shape is not None and tuple(got) != shape:
+            raise RuntimeError(f"{name}: planned {list(shape)}, got {list(got)}")
+        self.write_rows([(name, row, b) for row, b in zip(rows, blocks)])
+
+    def write_rows(self, blocks: Sequence[tuple[str, int, torch.Tensor]], release=None) -> None:
+        """Queue (tensor name, first row, rows) blocks as one job; `release()` runs once they are on disk (or
+        failed): the moment the caller may reuse their memory."""
+        jobs, shards = [], collections.Counter()
+        for name, row, block in blocks:
+            if name not in self._where:
+                raise RuntimeError(f"{name}: not a planned tensor")
+            s, shape = self._where[name]
+            rows = block.shape[0] if block.dim() else 1
+            if tuple(block.shape[1:]) != tuple(shape[1:]) or row < 0 or row + rows > (shape[0] if shape else 1):
+                raise RuntimeError(f"{name} {list(shape)}: a block of {list(block.shape)} at row {row} does not fit")
+            if rows > self._rows_left[name]:
+                raise RuntimeError(f"{name}: more rows written than planned")
+            self._rows_left[name] -= rows
+            if s not in self._fds:
+                self._open_shard(s)
+            data_start, offsets = self._data_start[s]
+            data = block.detach().to(dtype=self.dtype).contiguous()
+            jobs.append((self._fds[s], data, data_start + offsets[name] + row * _nbytes(shape[1:], self.dtype)))
+            shards[s] += data.numel() * self.dtype.itemsize
+        nbytes = sum(shards.values())
         self._drain(max(self._max_pending - nbytes, 0))
-        self._pending.append((self._pool.submit(self._write_blocks, self._fds[s], data, offset), s, nbytes))
+        self._pending.append((self._pool.submit(self._write_blocks, jobs, release), shards))
         self._pending_bytes += nbytes
-        self._next += 1
 
     @staticmethod
-    def _write_blocks(fd: int, blocks: list[torch.Tensor], offset: int) -> None:
-        for block in blocks:
-            offset += pwrite_from(fd, block, offset)
+    def _write_blocks(jobs: list[tuple[int, torch.Tensor, int]], release) -> None:
+        try:
+            for fd, data, offset in jobs:
+                pwrite_from(fd, data, offset)
+        finally:
+            if release is not None:
+                release()
 
     def _drain(self, limit: int, raise_errors: bool = True) -> None:
         """Wait for queued writes, oldest first, until at most `limit` bytes are queued; seal finished shards."""
         while self._pending and (self._pending_bytes > limit or limit == 0):
-            future, s, nbytes = self._pending.popleft()
-            self._pending_bytes -= nbytes
+            future, shards = self._pending.popleft()
+            self._pending_bytes -= sum(shards.values())
             error = future.exception()
             if error is not None:
                 if raise_errors:
                     raise error
                 continue
-            self._left[s] -= 1
-            if self._left[s] == 0:
-                os.close(self._fds.pop(s))
-                self._stacks.pop(s).close()  # completes atomic_path: renames the finished shard into place
+            for s, nbytes in shards.items():
+                self._left[s] -= nbytes
+                if self._left[s] == 0:
+                    os.close(self._fds.pop(s))
+                    self._stacks.pop(s).close()  # completes atomic_path: renames the finished shard into place
 
     def _write_index(self) -> None:
-        weight_map = {name: shard_file_name(s, len(self.shards)) for s, name, _ in self._order}
-        total = sum(_nbytes(shape, self.dtype) for _, _, shape in self._order)
+        weight_map = {name: shard_file_name(s, len(self.shards)) for name, (s, _) in self._where.items()}
+        total = sum(_nbytes(shape, self.dtype) for _, shape in self._where.values())
         write_json(self.directory / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})

@@ -22,6 +22,7 @@ from megatron_cslm.errors import CslmError
 from megatron_cslm.speech.identity import DEFAULT_S3_TOKENIZER, S3_TOKENIZERS
 
 NOISE_SCALE = 1e-5
+BLOCK_ROWS = 4096  # rows per float64 block of the moments' sums (fixes their rounding)
 
 
 def expansion_units(num_units: int | None, speech_tokenizer: str | None) -> int:
@@ -39,29 +40,64 @@ def expansion_units(num_units: int | None, speech_tokenizer: str | None) -> int:
     return codes if num_units is None else num_units
 
 
-def row_moments(weight: torch.Tensor, block_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-column mean and (population) variance of `weight` rows in float64, a block of rows at a time.
+class RowMoments:
+    """Per-column mean and (population) variance of a matrix's rows in float64, fed rows in order.
 
-    The two float64 block buffers are reused (fresh 128 MB allocations per block cost as much as the sums:
-    2-2.5x slower on a Llama-3 embedding); the sums are the same ops on the same blocks, bit for bit."""
-    total = torch.zeros(weight.shape[1], dtype=torch.float64)
-    total_sq = torch.zeros_like(total)
-    buffer = torch.empty(min(block_rows, weight.shape[0]), weight.shape[1], dtype=torch.float64)
-    squares = torch.empty_like(buffer)
-    for start in range(0, weight.shape[0], block_rows):
-        rows = min(block_rows, weight.shape[0] - start)
-        block = buffer[:rows].copy_(weight[start:start + rows])
-        total += block.sum(0)
-        total_sq += torch.square(block, out=squares[:rows]).sum(0)
-    mean = total / weight.shape[0]
-    return mean, (total_sq / weight.shape[0] - mean.square()).clamp_min(0)
+    Why streaming: the converter computes the moments of the embedding and head as their rows go by on the
+    way to the output (no second read, no whole-matrix float64 copy). The sums run over fixed blocks of
+    `block_rows` rows (cast into one reused float64 buffer, squared in place), so any feeding that cuts the
+    rows at block multiples gives the same sums bit for bit as one pass over the whole matrix.
+    """
+
+    def __init__(self, width: int, scratch: torch.Tensor | None = None, block_rows: int = BLOCK_ROWS):
+        self.block_rows, self.rows, self.scratch = block_rows, 0, scratch
+        self.total = torch.zeros(width, dtype=torch.float64)
+        self.total_sq = torch.zeros_like(self.total)
+        self._partial = False
+
+    def add(self, rows: torch.Tensor) -> None:
+        """Fold in the next rows; only the last call may end off a block boundary."""
+        if self.scratch is None:  # one block's buffer, reused for every block
+            self.scratch = moment_scratch(rows.shape[1], 0, min(self.block_rows, rows.shape[0]))
+        for start in range(0, rows.shape[0], self.block_rows):
+            n = min(self.block_rows, rows.shape[0] - start)
+            if self._partial or n > len(self.scratch):
+                raise ValueError(f"rows after a partial block, or a block of {n} rows for a scratch of "
+                                 f"{len(self.scratch)}: feed whole blocks of rows until the last call")
+            block = self.scratch[:n].copy_(rows[start:start + n])
+            self.total += block.sum(0)
+            self.total_sq += block.square_().sum(0)
+            self._partial = n < self.block_rows
+        self.rows += rows.shape[0]
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = self.total / self.rows
+        return mean, (self.total_sq / self.rows - mean.square()).clamp_min(0)
+
+
+def moment_scratch(width: int, new_count: int, block_rows: int = BLOCK_ROWS) -> torch.Tensor:
+    """One float64 buffer for a moments block and, after, `new_count` rows of noise (one allocation, reused)."""
+    return torch.empty(max(block_rows, new_count), width, dtype=torch.float64)
+
+
+def row_moments(weight: torch.Tensor, block_rows: int = BLOCK_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-column mean and (population) variance of `weight`'s rows in float64 (`RowMoments` in one call)."""
+    moments = RowMoments(weight.shape[1], block_rows=block_rows)
+    moments.add(weight)
+    return moments.result()
+
+
+def draw_new_rows(mean: torch.Tensor, var: torch.Tensor, count: int, generator: torch.Generator,
+                  scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """`count` float64 rows ~ N(mean, NOISE_SCALE * diag(var)), drawn in place in `scratch`'s first rows."""
+    noise = scratch[:count] if scratch is not None else None
+    noise = torch.randn(count, mean.shape[0], generator=generator, dtype=torch.float64, out=noise)
+    return noise.mul_((NOISE_SCALE * var).sqrt()).add_(mean)
 
 
 def new_rows(weight: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
     """`count` rows ~ N(mean, NOISE_SCALE * diag(var)) of `weight`'s rows, in `weight`'s dtype."""
-    mean, var = row_moments(weight)
-    noise = torch.randn(count, weight.shape[1], generator=generator, dtype=torch.float64)
-    return (mean + noise * (NOISE_SCALE * var).sqrt()).to(weight.dtype)
+    return draw_new_rows(*row_moments(weight), count, generator).to(weight.dtype)
 
 
 def tail_rows(weight: torch.Tensor, new_count: int, padded_rows: int, seed: int) -> torch.Tensor | None:
