@@ -9,8 +9,14 @@ The format is PyTorch Distributed Checkpoint (DCP) plus two megatron-core files:
     metadata.json    megatron-core's backend tag: {"sharded_backend": "torch_dist", ...}
 
 `dist_checkpointing.save` needs the whole state dict in memory (its async writer preloads every tensor), so
-the writer here appends one chunk at a time (a decoder layer is one chunk of each stacked tensor, exactly
-as megatron-core saves them) and writes `.metadata` last.
+the writer here appends one chunk at a time and writes `.metadata` last. A global tensor may be stored as
+many chunks at different offsets (DCP's planner, megatron-core's load and the reader here all assemble
+whatever chunks overlap a request), so the converters store bounded row chunks (a decoder layer's slice of
+a stacked tensor as one or more (1, rows, ...) chunks at (layer, row, 0); the embedding as row chunks):
+memory stays a few buffers whatever the model. A chunk's record is torch.save's own bytes around the data
+(`tensor_record`, CRC32 fields zero as with `torch.serialization.set_crc32_options(False)`: torch.load, DCP
+and megatron-core do not check them; Python's zipfile would, so the reader here reads members through their
+local headers), and the data is written from memory or copied file to file by the kernel.
 
 Reading assembles a requested region from whatever stored chunks overlap it, so checkpoints saved by
 training at any TP/PP (many chunks per tensor, optimizer state alongside) are read correctly. Each chunk is a
@@ -35,8 +41,9 @@ import threading
 import uuid
 import zipfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
@@ -51,7 +58,7 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
-from megatron_cslm.convert.rawio import pread_into
+from megatron_cslm.convert.rawio import copy_range, pread_into, pwrite_from
 from megatron_cslm.errors import CslmError
 from megatron_cslm.fileio import DataError, atomic_open
 
@@ -74,13 +81,65 @@ def exact_storage(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(0, dtype=t.dtype).set_(storage, 0, t.shape)
 
 
+class _RecordCapture(io.RawIOBase):
+    """Collects what torch.save writes, except the tensor's bytes (recognised by address), which become a hole."""
+
+    def __init__(self, data_address: int):
+        self.data_address, self.pos = data_address, 0
+        self.head, self.tail, self.hole = bytearray(), bytearray(), None
+
+    def writable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def write(self, b) -> int:
+        view = memoryview(b).cast("B")
+        address = np.frombuffer(view, dtype=np.uint8).ctypes.data if view.nbytes else None
+        if self.hole is None and address == self.data_address:
+            self.hole = (self.pos, view.nbytes)
+        else:
+            (self.head if self.hole is None else self.tail).extend(view)
+        self.pos += view.nbytes
+        return view.nbytes
+
+
+def tensor_record(shape: Sequence[int], dtype: torch.dtype) -> tuple[bytes, int, bytes]:
+    """torch.save's record of one contiguous `shape` tensor of `dtype` without its data: (bytes before the data,
+    data length, bytes after). Written around the data, they are the record torch.save writes with
+    `set_crc32_options(False)` (CRC fields zero: torch.load and DCP do not check them), so the data can come from
+    anywhere: a file range copied by the kernel, a buffer. The tensor given to torch.save is never touched."""
+    placeholder = torch.empty(math.prod(shape) * dtype.itemsize, dtype=torch.uint8).view(dtype).view(tuple(shape))
+    capture = _RecordCapture(placeholder.data_ptr())
+    crc = torch.serialization.get_crc32_options()
+    with _CRC_LOCK:
+        torch.serialization.set_crc32_options(False)
+        try:
+            torch.save(placeholder, capture)
+        finally:
+            torch.serialization.set_crc32_options(crc)
+    gc.collect(1)  # torch.save leaves a reference cycle that pins the saved storage until the next full GC
+    if capture.hole is None or capture.hole[1] != placeholder.nbytes or placeholder.nbytes == 0:
+        raise RuntimeError(f"torch.save did not write the {list(shape)} {dtype} data in one piece")
+    return bytes(capture.head), capture.hole[1], bytes(capture.tail)
+
+
+_CRC_LOCK = threading.Lock()
+
+
 class DistCheckpointWriter:
-    """Appends tensor chunks and objects to a new `torch_dist` checkpoint directory; `finish` seals it."""
+    """Appends tensor chunks and objects to a new `torch_dist` checkpoint directory; `finish` seals it.
+
+    Every record is written at an explicit offset (`pwrite`, `copy_range`): a tensor chunk is torch.save's
+    record (`tensor_record`) around data from memory (`add_tensor`) or copied file to file by the kernel
+    (`add_tensor_from_files`)."""
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=False)
-        self._file = open(self.directory / DATA_FILE, "wb")
+        self._fd = os.open(self.directory / DATA_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._end = 0
         self._tensors: dict[str, TensorStorageMetadata] = {}
         self._objects: set[str] = set()
         self._storage: dict[MetadataIndex, _StorageInfo] = {}
@@ -89,30 +148,71 @@ class DistCheckpointWriter:
         return self
 
     def __exit__(self, *exc) -> None:
-        self._file.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _put(self, data: bytes) -> None:
+        done = 0
+        while done < len(data):
+            done += os.pwrite(self._fd, data[done:], self._end + done)
+        self._end += len(data)
 
     def _append(self, obj: Any) -> tuple[int, int]:
-        start = self._file.tell()
-        torch.save(obj, self._file)
-        gc.collect(1)  # torch.save leaves a reference cycle that pins the saved storage until the next full GC
-        return start, self._file.tell() - start
+        record = io.BytesIO()
+        torch.save(obj, record)
+        gc.collect(1)
+        start = self._end
+        self._put(record.getbuffer())
+        return start, self._end - start
+
+    def _chunk(self, key: str, shape: Sequence[int], dtype: torch.dtype, global_shape: Sequence[int] | None,
+               offset: Sequence[int] | None, write_data: Callable[[int], None]) -> None:
+        """Check the chunk against its global tensor, then append its record (`write_data(at)` fills the data)."""
+        shape = torch.Size(shape)
+        global_shape = torch.Size(global_shape if global_shape is not None else shape)
+        offset = torch.Size(offset if offset is not None else (0,) * len(shape))
+        if len(offset) != len(global_shape) or len(shape) != len(global_shape) or any(
+                o + s > g for o, s, g in zip(offset, shape, global_shape)):
+            raise ValueError(f"{key}: chunk {list(shape)} at {list(offset)} does not fit {list(global_shape)}")
+        md = self._tensors.setdefault(key, TensorStorageMetadata(TensorProperties(dtype=dtype), global_shape, []))
+        if md.size != global_shape or md.properties.dtype != dtype:
+            raise ValueError(f"{key}: chunks disagree on global shape/dtype ({list(md.size)} {md.properties.dtype} "
+                             f"vs {list(global_shape)} {dtype})")
+        head, nbytes, tail = tensor_record(shape, dtype)
+        start = self._end
+        self._put(head)
+        write_data(self._end)
+        self._end += nbytes
+        self._put(tail)
+        md.chunks.append(ChunkStorageMetadata(offsets=offset, sizes=shape))
+        self._storage[MetadataIndex(key, offset)] = _StorageInfo(DATA_FILE, start, self._end - start)
 
     def add_tensor(self, key: str, chunk: torch.Tensor, global_shape: Sequence[int] | None = None,
                    offset: Sequence[int] | None = None) -> None:
         """Store `chunk` at `offset` of global tensor `key` (default: the chunk is the whole tensor)."""
-        global_shape = torch.Size(global_shape if global_shape is not None else chunk.shape)
-        offset = torch.Size(offset if offset is not None else (0,) * chunk.dim())
-        if len(offset) != len(global_shape) or chunk.dim() != len(global_shape) or any(
-                o + s > g for o, s, g in zip(offset, chunk.shape, global_shape)):
-            raise ValueError(f"{key}: chunk {list(chunk.shape)} at {list(offset)} does not fit {list(global_shape)}")
-        chunk = exact_storage(chunk.detach().contiguous())
-        md = self._tensors.setdefault(key, TensorStorageMetadata(TensorProperties(dtype=chunk.dtype), global_shape, []))
-        if md.size != global_shape or md.properties.dtype != chunk.dtype:
-            raise ValueError(f"{key}: chunks disagree on global shape/dtype ({list(md.size)} {md.properties.dtype} "
-                             f"vs {list(global_shape)} {chunk.dtype})")
-        md.chunks.append(ChunkStorageMetadata(offsets=offset, sizes=chunk.shape))
-        start, length = self._append(chunk)
-        self._storage[MetadataIndex(key, offset)] = _StorageInfo(DATA_FILE, start, length)
+        chunk = chunk.detach().contiguous()
+        self._chunk(key, chunk.shape, chunk.dtype, global_shape, offset,
+                    lambda at: pwrite_from(self._fd, chunk, at) if chunk.numel() else None)
+
+    def add_tensor_from_files(self, key: str, shape: Sequence[int], dtype: torch.dtype,
+                              sources: Sequence[tuple[str | Path, int, int]], global_shape: Sequence[int],
+                              offset: Sequence[int]) -> None:
+        """Store a chunk whose bytes are already on disk, in row-major order: (path, file offset, byte count)
+        ranges, copied by the kernel (`copy_range`) without passing through memory."""
+        if sum(n for _, _, n in sources) != math.prod(shape) * dtype.itemsize:
+            raise ValueError(f"{key}: sources hold {sum(n for _, _, n in sources)} bytes, a {list(shape)} {dtype} "
+                             "chunk needs " f"{math.prod(shape) * dtype.itemsize}")
+
+        def copy(at: int) -> None:
+            for path, start, nbytes in sources:
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    copy_range(fd, self._fd, nbytes, start, at, path, key)
+                finally:
+                    os.close(fd)
+                at += nbytes
+        self._chunk(key, shape, dtype, global_shape, offset, copy)
 
     def add_object(self, unique_key: str, value: Any) -> None:
         """Store a megatron-core ShardedObject (saved as a one-element list, like megatron-core does)."""
@@ -126,8 +226,8 @@ class DistCheckpointWriter:
             covered = sum(math.prod(c.sizes) for c in md.chunks)
             if covered != math.prod(md.size):
                 raise RuntimeError(f"{key}: chunks cover {covered} of {math.prod(md.size)} elements")
-        self._file.flush()
-        self._file.close()
+        os.close(self._fd)
+        self._fd = None
         state = dict(self._tensors)
         state.update({k: BytesStorageMetadata() for k in self._objects})
         metadata = Metadata(state_dict_metadata=state, storage_data=self._storage,
@@ -193,6 +293,18 @@ def _contiguous_strides(size: Sequence[int]) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
+def _stored_member(fd: int, start: int, info: zipfile.ZipInfo) -> bytes:
+    """The bytes of a stored (uncompressed) zip member of the record at `start`, read through its local header."""
+    header = os.pread(fd, 30, start + info.header_offset)
+    if len(header) != 30 or header[:4] != b"PK\x03\x04":
+        raise ValueError("bad local header")
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    data = os.pread(fd, info.file_size, start + info.header_offset + 30 + name_len + extra_len)
+    if len(data) != info.file_size:
+        raise ValueError("truncated member")
+    return data
+
+
 def _raw_tensor_offset(fd: int, start: int, length: int, sizes: Sequence[int], dtype: torch.dtype) -> int | None:
     """File offset of the raw bytes of the `torch.save` record at [start, start + length) when it holds exactly
     one contiguous tensor of `sizes` and `dtype` from the start of its storage; None otherwise."""
@@ -201,9 +313,11 @@ def _raw_tensor_offset(fd: int, start: int, length: int, sizes: Sequence[int], d
             infos = archive.infolist()
             pickles = [i for i in infos if i.filename.endswith("/data.pkl")]
             data = [i for i in infos if "/data/" in i.filename and not i.filename.endswith("/data.pkl")]
-            if len(pickles) != 1 or len(data) != 1 or data[0].compress_type != zipfile.ZIP_STORED:
+            if len(pickles) != 1 or len(data) != 1 or any(i.compress_type != zipfile.ZIP_STORED
+                                                           for i in (pickles[0], data[0])):
                 return None
-            storage, offset, size, stride = _TensorPickle(io.BytesIO(archive.read(pickles[0]))).load()
+        pickled = _stored_member(fd, start, pickles[0])  # not archive.read: records may carry no CRC32
+        storage, offset, size, stride = _TensorPickle(io.BytesIO(pickled)).load()
         header = os.pread(fd, 30, start + data[0].header_offset)
     except Exception:  # noqa: BLE001 - any surprise: DCP's own reader handles (and names) it
         return None

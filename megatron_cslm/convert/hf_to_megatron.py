@@ -80,14 +80,16 @@ POOL_BUFFERS = 4  # one being filled, two read ahead, one being written
 @dataclasses.dataclass(frozen=True)
 class _Chunk:
     """One record of the output: `shape` rows of global tensor `key` at `offset`, then `objects` (the layer's
-    `_extra_state` keys, after its last chunk). `fill` writes the rows into a buffer view of `shape` without
-    the layer axis."""
+    `_extra_state` keys, after its last chunk). Its data is `copies`, (HF tensor, first row, bytes) ranges
+    copied file to file in order, when set; else what `fill` writes into a buffer view of `shape`. With
+    `copies`, `fill` (if any) only looks at the rows (the moments of new vocabulary rows)."""
     key: str
     global_shape: tuple[int, ...]
     offset: tuple[int, ...]
     shape: tuple[int, ...]
     dtype: torch.dtype
-    fill: Callable[[torch.Tensor], None]
+    fill: Callable[[torch.Tensor], None] | None
+    copies: tuple[tuple[str, int, int], ...] = ()
     objects: tuple[str, ...] = ()
 
     @property
@@ -118,13 +120,17 @@ def _layer_chunks(checkpoint: HFCheckpoint, arch: LlamaArch, i: int, chunk_bytes
     dtypes = {key: _dtype(checkpoint, parts[key]) for key in parts}
     shapes, chunks = megatron_layer_shapes(arch), []
     for piece in layer_chunks(arch, chunk_bytes, {key: dtype.itemsize for key, dtype in dtypes.items()}):
-        shape = shapes[piece.key]
+        shape, dtype = shapes[piece.key], dtypes[piece.key]
 
         def fill(data: torch.Tensor, sources=piece.sources) -> None:
             for part, hf_row, row, count in sources:  # data[0]: the layer axis is the chunk's first
                 _read_rows(checkpoint, names[part], data[0, row:row + count], hf_row)
+        row_bytes = math.prod(shape[1:]) * dtype.itemsize
+        copies = tuple((names[part], hf_row, count * row_bytes) for part, hf_row, _, count in piece.sources)
+        as_stored = all(checkpoint.dtype(name) == dtype for name, _, _ in copies)
         chunks.append(_Chunk(piece.key, (n, *shape), (i, piece.row) + (0,) * (len(shape) - 1),
-                             (1, piece.rows, *shape[1:]), dtypes[piece.key], fill))
+                             (1, piece.rows, *shape[1:]), dtype, None if as_stored else fill,
+                             copies if as_stored else ()))
     chunks[-1] = dataclasses.replace(chunks[-1], objects=tuple(extra_state_key(m, i, n) for m in EXTRA_STATE_MODULES))
     return chunks
 
@@ -156,7 +162,10 @@ def _matrix_chunks(checkpoint: HFCheckpoint, name: str, key: str, new_count: int
         data[split:].zero_()
 
     multiple = BLOCK_ROWS if new_count else 1
-    chunks = [_Chunk(key, (padded, h), (r, 0), (rows, h), dtype, functools.partial(existing, r=r))
+    as_stored = checkpoint.dtype(name) == dtype
+    chunks = [_Chunk(key, (padded, h), (r, 0), (rows, h), dtype,
+                     functools.partial(existing, r=r) if moments is not None or not as_stored else None,
+                     ((name, r, rows * row_bytes),) if as_stored else ())
               for r, rows in row_chunks(v, row_bytes, chunk_bytes, multiple)]
     chunks += [_Chunk(key, (padded, h), (v + r, 0), (rows, h), dtype, functools.partial(tail, r=v + r))
                for r, rows in row_chunks(padded - v, row_bytes, chunk_bytes)]
@@ -173,7 +182,7 @@ def plan_chunks(checkpoint: HFCheckpoint, arch: LlamaArch, new_rows: int, padded
         chunks += _layer_chunks(checkpoint, arch, i, chunk_bytes)
     h = arch.hidden_size
     chunks.append(_Chunk(FINAL_NORM, (h,), (0,), (h,), _dtype(checkpoint, ["model.norm.weight"]),
-                         lambda data: _read_rows(checkpoint, "model.norm.weight", data, 0)))
+                         lambda data: _read_rows(checkpoint, "model.norm.weight", data, 0)))  # 8 KB: via memory
     if not arch.tie_word_embeddings:
         chunks += _matrix_chunks(checkpoint, "lm_head.weight", OUTPUT, new_rows, padded, seed + 1, scratch,
                                  chunk_bytes)
@@ -187,14 +196,19 @@ def write_checkpoint(checkpoint: HFCheckpoint, arch: LlamaArch, directory: Path,
     chunks = plan_chunks(checkpoint, arch, new_rows, padded, seed, chunk_bytes)
     pool = BufferPool(max(c.nbytes for c in chunks), POOL_BUFFERS)
 
-    def filled(chunk: _Chunk) -> Callable[[], tuple[_Chunk, torch.Tensor]]:
+    def filled(chunk: _Chunk) -> Callable[[], tuple[_Chunk, torch.Tensor | None]]:
         def task():
+            if chunk.fill is None:
+                return chunk, None
             buffer = pool.acquire()
             try:
                 chunk.fill(pool.view(buffer, chunk.dtype, chunk.shape))
             except BaseException:
                 pool.release(buffer)
                 raise
+            if chunk.copies:  # the rows were only looked at: the record's data is copied from the files
+                pool.release(buffer)
+                return chunk, None
             return chunk, buffer
         return task
 
@@ -202,11 +216,16 @@ def write_checkpoint(checkpoint: HFCheckpoint, arch: LlamaArch, directory: Path,
             tqdm(total=sum(c.nbytes for c in chunks), desc="hf -> megatron", unit="B", unit_scale=True,
                  disable=not progress) as bar:
         for chunk, buffer in read_ahead(map(filled, chunks), depth=POOL_BUFFERS - 2):
-            try:  # the buffer goes back even on failure: the reader may be waiting for it
-                writer.add_tensor(chunk.key, pool.view(buffer, chunk.dtype, chunk.shape), chunk.global_shape,
-                                  chunk.offset)
-            finally:
-                pool.release(buffer)
+            if buffer is None:
+                ranges = [checkpoint.byte_range(name, row, nbytes) for name, row, nbytes in chunk.copies]
+                writer.add_tensor_from_files(chunk.key, chunk.shape, chunk.dtype, ranges, chunk.global_shape,
+                                             chunk.offset)
+            else:
+                try:  # the buffer goes back even on failure: the reader may be waiting for it
+                    writer.add_tensor(chunk.key, pool.view(buffer, chunk.dtype, chunk.shape), chunk.global_shape,
+                                      chunk.offset)
+                finally:
+                    pool.release(buffer)
             for key in chunk.objects:
                 writer.add_object(key, None)
             bar.update(chunk.nbytes)

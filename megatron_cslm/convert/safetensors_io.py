@@ -155,22 +155,28 @@ class HFCheckpoint:
 
         `out` must have the stored dtype and a whole number of the tensor's rows; nothing is converted.
         """
+        if self.dtype(name) != out.dtype:
+            raise ValueError(f"{name} is {self.dtype(name)} in {self.directory / self.weight_map[name]}, the buffer "
+                             f"is {out.dtype}")
+        path, offset, _ = self.byte_range(name, row, out.numel() * out.dtype.itemsize)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            pread_into(fd, out, offset, path, name)
+        finally:
+            os.close(fd)
+
+    def byte_range(self, name: str, row: int, nbytes: int) -> tuple[Path, int, int]:
+        """(shard path, file offset, `nbytes`) of the stored bytes of `name` from row `row`; checked to lie inside
+        the tensor (whose header must describe whole rows)."""
         file = self.weight_map[name]
         header, data_start = self._header(file)
         entry, path = header[name], self.directory / file
-        dtype, shape = DTYPES.get(entry["dtype"]), entry["shape"]
-        if dtype != out.dtype:
-            raise ValueError(f"{name} is {entry['dtype']} in {path}, the buffer is {out.dtype}")
-        row_bytes = out.dtype.itemsize * _numel(shape[1:])
+        shape, itemsize = entry["shape"], DTYPES[entry["dtype"]].itemsize
         begin, end = entry["data_offsets"]
-        offset = begin + row * row_bytes
-        if out.numel() * out.dtype.itemsize + offset > end or end - begin != _numel(shape) * out.dtype.itemsize:
-            raise ValueError(f"{name} {list(shape)}: rows from {row} do not hold a buffer of {list(out.shape)}")
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            pread_into(fd, out, data_start + offset, path, name)
-        finally:
-            os.close(fd)
+        offset = begin + row * itemsize * _numel(shape[1:])
+        if nbytes + offset > end or end - begin != _numel(shape) * itemsize:
+            raise ValueError(f"{name} {list(shape)}: rows from {row} do not hold {nbytes} bytes")
+        return path, data_start + offset, nbytes
 
     @property
     def total_bytes(self) -> int:
