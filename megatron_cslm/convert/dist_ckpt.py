@@ -305,6 +305,17 @@ def _stored_member(fd: int, start: int, info: zipfile.ZipInfo) -> bytes:
     return data
 
 
+def _run_start(box: Sequence[tuple[int, int]], sizes: Sequence[int]) -> int | None:
+    """Row-major element index where `box` starts in an array of `sizes`, if the box is one contiguous run (every
+    dim after its first one of extent > 1 whole); None otherwise."""
+    seen_wide = False
+    for (lo, hi), n in zip(box, sizes):
+        if seen_wide and (lo, hi) != (0, n):
+            return None
+        seen_wide = seen_wide or hi - lo > 1
+    return sum(lo * stride for (lo, _), stride in zip(box, _contiguous_strides(sizes)))
+
+
 def _raw_tensor_offset(fd: int, start: int, length: int, sizes: Sequence[int], dtype: torch.dtype) -> int | None:
     """File offset of the raw bytes of the `torch.save` record at [start, start + length) when it holds exactly
     one contiguous tensor of `sizes` and `dtype` from the start of its storage; None otherwise."""
@@ -396,43 +407,72 @@ class DistCheckpointReader:
             return buffers
         return self._read_dcp(regions, buffers)
 
+    def _located(self, key: str, offset: Sequence[int], shape: Sequence[int], fds: dict[str, int]) -> list | None:
+        """The stored chunks overlapping a region, as (box in global coordinates, chunk, path, fd, offset of the
+        raw bytes); None when one needs DCP (not a plain record, transforms) or the chunks do not tile it."""
+        md, located, covered = self.tensor_meta(key), [], 0
+        for chunk in md.chunks:
+            box = [(max(o, c), min(o + s, c + n)) for o, s, c, n in zip(offset, shape, chunk.offsets, chunk.sizes)]
+            if any(lo >= hi for lo, hi in box):
+                continue
+            index = MetadataIndex(key, chunk.offsets)
+            info = self.metadata.storage_data.get(index)
+            if info is None or getattr(info, "transform_descriptors", None):
+                return None
+            if info.relative_path not in fds:
+                fds[info.relative_path] = os.open(self.directory / info.relative_path, os.O_RDONLY)
+            fd = fds[info.relative_path]
+            if index not in self._raw_offsets:
+                self._raw_offsets[index] = _raw_tensor_offset(fd, info.offset, info.length, chunk.sizes,
+                                                              md.properties.dtype)
+            if self._raw_offsets[index] is None:
+                return None
+            located.append((box, chunk, self.directory / info.relative_path, fd, self._raw_offsets[index]))
+            covered += math.prod(hi - lo for lo, hi in box)
+        return located if covered == math.prod(shape) else None  # gaps or overlaps: DCP decides what they mean
+
     def _read_raw(self, regions: dict[str, tuple[Sequence[int], Sequence[int]]],
                   buffers: dict[str, torch.Tensor]) -> bool:
         """Fill `buffers` chunk by chunk with `pread`; False (nothing trusted) when any chunk needs DCP."""
         fds: dict[str, int] = {}
         try:
             for key, (offset, shape) in regions.items():
-                md, covered = self.tensor_meta(key), 0
-                for chunk in md.chunks:
-                    box = [(max(o, c), min(o + s, c + n)) for o, s, c, n in
-                           zip(offset, shape, chunk.offsets, chunk.sizes)]
-                    if any(lo >= hi for lo, hi in box):
-                        continue
-                    index = MetadataIndex(key, chunk.offsets)
-                    info = self.metadata.storage_data.get(index)
-                    if info is None or getattr(info, "transform_descriptors", None):
-                        return False
-                    if info.relative_path not in fds:
-                        fds[info.relative_path] = os.open(self.directory / info.relative_path, os.O_RDONLY)
-                    fd = fds[info.relative_path]
-                    if index not in self._raw_offsets:
-                        self._raw_offsets[index] = _raw_tensor_offset(fd, info.offset, info.length, chunk.sizes,
-                                                                      md.properties.dtype)
-                    raw = self._raw_offsets[index]
-                    if raw is None:
-                        return False
+                located = self._located(key, offset, shape, fds)
+                if located is None:
+                    return False
+                for box, chunk, path, fd, raw in located:
                     dest = buffers[key][tuple(slice(lo - o, hi - o) for (lo, hi), o in zip(box, offset))]
                     within = [(lo - c, hi - c) for (lo, hi), c in zip(box, chunk.offsets)]
-                    self._pread_box(fd, raw, chunk.sizes, within, dest, self.directory / info.relative_path, key)
-                    covered += dest.numel()
-                if covered != buffers[key].numel():  # gaps or overlaps: let DCP decide what they mean
-                    return False
+                    self._pread_box(fd, raw, chunk.sizes, within, dest, path, key)
         except CslmError:
             return False  # truncated data: DCP's reader reports it
         finally:
             for fd in fds.values():
                 os.close(fd)
         return True
+
+    def file_ranges(self, key: str, offset: Sequence[int], shape: Sequence[int]) -> list[tuple[Path, int, int]] | None:
+        """The bytes of a region, in row-major order, as (path, file offset, byte count) ranges of the stored
+        records, so they can be copied file to file; None when the region is not a few contiguous runs of plain
+        records (TP-split columns, DCP-only records: read it into memory instead)."""
+        fds: dict[str, int] = {}
+        try:
+            located = self._located(key, offset, shape, fds)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        if located is None:
+            return None
+        itemsize, runs = self.tensor_meta(key).properties.dtype.itemsize, []
+        for box, chunk, path, _, raw in located:
+            in_region = _run_start([(lo - o, hi - o) for (lo, hi), o in zip(box, offset)], shape)
+            in_chunk = _run_start([(lo - c, hi - c) for (lo, hi), c in zip(box, chunk.offsets)], chunk.sizes)
+            if in_region is None or in_chunk is None:
+                return None
+            runs.append((in_region * itemsize, path, raw + in_chunk * itemsize,
+                         math.prod(hi - lo for lo, hi in box) * itemsize))
+        runs.sort(key=lambda r: r[0])
+        return [(path, start, nbytes) for _, path, start, nbytes in runs]
 
     def _pread_box(self, fd: int, raw: int, sizes: Sequence[int], box: list[tuple[int, int]], dest: torch.Tensor,
                    path: Path, key: str) -> None:

@@ -38,7 +38,7 @@ from megatron_cslm.convert.layout import (
     row_chunks,
 )
 from megatron_cslm.convert.rawio import BufferPool, read_ahead
-from megatron_cslm.convert.safetensors_io import INDEX_FILE, ShardedSafetensorsWriter
+from megatron_cslm.convert.safetensors_io import INDEX_FILE, FileRows, ShardedSafetensorsWriter
 from megatron_cslm.errors import CslmError
 from megatron_cslm.fileio import DataError, make_dirs, write_json
 from megatron_cslm.models.llama import LlamaArch
@@ -96,6 +96,23 @@ def plan_pieces(reader: DistCheckpointReader, arch: LlamaArch, chunk_bytes: int 
     return pieces
 
 
+def _file_rows(ranges: list[tuple[Path, int, int]], shape: tuple[int, ...], index: tuple) -> FileRows:
+    """The file ranges of the block `index` selects of a region of `shape` (the whole region, or rows
+    `index[1]` of its (1, rows, ...) layer slice), cut out of the region's ranges."""
+    total = sum(n for _, _, n in ranges)
+    if not index:
+        return FileRows(shape[0], tuple(ranges))
+    rows = index[1]
+    row_bytes = total // shape[1]
+    start, end, out, at = rows.start * row_bytes, rows.stop * row_bytes, [], 0
+    for path, offset, nbytes in ranges:
+        lo, hi = max(start, at), min(end, at + nbytes)
+        if lo < hi:
+            out.append((path, offset + lo - at, hi - lo))
+        at += nbytes
+    return FileRows(rows.stop - rows.start, tuple(out))
+
+
 def write_weights(reader: DistCheckpointReader, arch: LlamaArch, out: Path, dtype: torch.dtype,
                   max_shard_bytes: int, progress: bool = True, chunk_bytes: int = CHUNK_BYTES) -> None:
     """Stream the checkpoint into HF shards through `POOL_BUFFERS` reused buffers: a background thread reads
@@ -113,6 +130,9 @@ def write_weights(reader: DistCheckpointReader, arch: LlamaArch, out: Path, dtyp
     def task(piece: Piece):
         def read():
             key, (offset, shape), blocks = piece
+            ranges = reader.file_ranges(key, offset, shape) if stored[key] == dtype else None
+            if ranges is not None:  # stored as exported: copied file to file, no memory
+                return [(name, row, _file_rows(ranges, shape, index)) for name, row, index in blocks], lambda: None
             buffer = pool.acquire()
             release = pool.releaser(buffer)
             try:
@@ -130,13 +150,13 @@ def write_weights(reader: DistCheckpointReader, arch: LlamaArch, out: Path, dtyp
     with ShardedSafetensorsWriter(out, specs, dtype, max_shard_bytes) as writer, \
             tqdm(total=sum(math.prod(region[1]) for _, region, _ in pieces) * dtype.itemsize, desc="megatron -> hf",
                  unit="B", unit_scale=True, disable=not progress) as bar:
-        for blocks, release in read_ahead(map(task, pieces), depth=POOL_BUFFERS - 2):
+        for (_, (_, shape), _), (blocks, release) in zip(pieces, read_ahead(map(task, pieces), depth=POOL_BUFFERS - 2)):
             try:
                 writer.write_rows(blocks, release)
             except BaseException:
                 release()  # not queued: the reader may be waiting for this buffer
                 raise
-            bar.update(sum(b.numel() for _, _, b in blocks) * dtype.itemsize)
+            bar.update(math.prod(shape) * dtype.itemsize)
 
 
 def write_configs(out: Path, arch: LlamaArch, dtype: torch.dtype, speech_tokenizer=None) -> None:

@@ -8,7 +8,8 @@ Writing: the shard plan (which tensor goes in which file, at which byte offset) 
 the shapes, so each file's header is written first and every tensor is written at its planned offset with
 `pwrite` by a small pool of threads, straight from the tensor's memory (or from several row blocks of it:
 views need no copy), while the caller produces the next one. A tensor may also arrive as row blocks in any
-order (`write_rows`), so a converter streams it through a few reused buffers instead of holding it whole.
+order (`write_rows`), from memory or as file ranges copied by the kernel (`FileRows`), so a converter streams
+it through a few reused buffers, or none, instead of holding it whole.
 Files are byte for byte what a serial writer writes (the layout is fixed by the plan, not by which thread
 finishes first); each shard appears under its name only once complete, and the index only once every shard is.
 """
@@ -21,13 +22,14 @@ import os
 import struct
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from safetensors import safe_open
 
-from megatron_cslm.convert.rawio import pread_into, pwrite_from
+from megatron_cslm.convert.rawio import copy_range, pread_into, pwrite_from
 from megatron_cslm.errors import CslmError
 from megatron_cslm.fileio import DataError, atomic_path, write_json
 
@@ -213,6 +215,14 @@ def plan_safetensors_shards(specs: Sequence[tuple[str, tuple[int, ...]]], dtype:
     return shards
 
 
+@dataclass(frozen=True)
+class FileRows:
+    """`rows` rows of a tensor whose bytes (in the writer's dtype) are already on disk: (path, file offset, byte
+    count) ranges in order, for `ShardedSafetensorsWriter.write_rows` to copy file to file."""
+    rows: int
+    ranges: tuple[tuple[Path, int, int], ...]
+
+
 class ShardedSafetensorsWriter:
     """Writes planned tensors into HF shards + `model.safetensors.index.json`, whole or as blocks of rows.
 
@@ -291,36 +301,53 @@ class ShardedSafetensorsWriter:
             raise RuntimeError(f"{name}: planned {list(shape)}, got {list(got)}")
         self.write_rows([(name, row, b) for row, b in zip(rows, blocks)])
 
-    def write_rows(self, blocks: Sequence[tuple[str, int, torch.Tensor]], release=None) -> None:
-        """Queue (tensor name, first row, rows) blocks as one job; `release()` runs once they are on disk (or
-        failed): the moment the caller may reuse their memory."""
+    def write_rows(self, blocks: Sequence[tuple[str, int, "torch.Tensor | FileRows"]], release=None) -> None:
+        """Queue (tensor name, first row, rows) blocks as one job, the rows given as a tensor or as `FileRows`
+        (copied file to file by the kernel); `release()` runs once they are on disk (or failed): the moment the
+        caller may reuse their memory."""
         jobs, shards = [], collections.Counter()
         for name, row, block in blocks:
             if name not in self._where:
                 raise RuntimeError(f"{name}: not a planned tensor")
             s, shape = self._where[name]
-            rows = block.shape[0] if block.dim() else 1
-            if tuple(block.shape[1:]) != tuple(shape[1:]) or row < 0 or row + rows > (shape[0] if shape else 1):
-                raise RuntimeError(f"{name} {list(shape)}: a block of {list(block.shape)} at row {row} does not fit")
+            row_bytes = _nbytes(shape[1:], self.dtype)
+            if isinstance(block, FileRows):
+                rows, nbytes, data = block.rows, sum(n for _, _, n in block.ranges), block
+                fits = nbytes == rows * row_bytes
+            else:
+                rows = block.shape[0] if block.dim() else 1
+                data = block.detach().to(dtype=self.dtype).contiguous()
+                nbytes, fits = data.numel() * self.dtype.itemsize, tuple(block.shape[1:]) == tuple(shape[1:])
+            if not fits or row < 0 or row + rows > (shape[0] if shape else 1):
+                raise RuntimeError(f"{name} {list(shape)}: a block of {rows} rows ({nbytes} bytes) at row {row} "
+                                   "does not fit")
             if rows > self._rows_left[name]:
                 raise RuntimeError(f"{name}: more rows written than planned")
             self._rows_left[name] -= rows
             if s not in self._fds:
                 self._open_shard(s)
             data_start, offsets = self._data_start[s]
-            data = block.detach().to(dtype=self.dtype).contiguous()
-            jobs.append((self._fds[s], data, data_start + offsets[name] + row * _nbytes(shape[1:], self.dtype)))
-            shards[s] += data.numel() * self.dtype.itemsize
+            jobs.append((self._fds[s], data, data_start + offsets[name] + row * row_bytes))
+            shards[s] += nbytes
         nbytes = sum(shards.values())
         self._drain(max(self._max_pending - nbytes, 0))
         self._pending.append((self._pool.submit(self._write_blocks, jobs, release), shards))
         self._pending_bytes += nbytes
 
     @staticmethod
-    def _write_blocks(jobs: list[tuple[int, torch.Tensor, int]], release) -> None:
+    def _write_blocks(jobs: list[tuple[int, "torch.Tensor | FileRows", int]], release) -> None:
         try:
             for fd, data, offset in jobs:
-                pwrite_from(fd, data, offset)
+                if isinstance(data, FileRows):
+                    for path, start, nbytes in data.ranges:
+                        src = os.open(path, os.O_RDONLY)
+                        try:
+                            copy_range(src, fd, nbytes, start, offset, path)
+                        finally:
+                            os.close(src)
+                        offset += nbytes
+                else:
+                    pwrite_from(fd, data, offset)
         finally:
             if release is not None:
                 release()
