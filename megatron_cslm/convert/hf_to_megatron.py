@@ -1,13 +1,19 @@
 """HF Llama checkpoint -> megatron-core `dist_checkpointing` run directory, optionally adding speech units.
 
-Streams, at the disk's speed: a background thread reads the next tensor group (the embeddings, one decoder
-layer, the head) while this one is written, each HF tensor read with `pread` straight into its rows of the
-fused megatron buffer (`layout.layer_row_map`: no `torch.cat`), into two reused sets of layer buffers (no
-fresh pages to fault in per layer); the embedding's new vocabulary rows are computed in that thread too,
-while the existing rows are written, and the head's by a side thread while the layers are written. At most
-one embedding-sized matrix and two layers are in memory (~3.2 GiB peak RSS for Llama-3.1-8B shapes, imports
-included). The files are byte for byte those of a serial conversion: the order of the records is the order
-of the groups. The tokenizer is saved by a third thread meanwhile.
+Streams at the disk's speed in a bounded working set. The output is written as row chunks of at most
+CHUNK_BYTES (32 MiB): the embedding and head as chunks of whole rows (multiples of 4096 rows when new
+vocabulary rows are added), each decoder layer's slice of a stacked tensor as (1, rows, ...) chunks at
+(layer, row, 0) (`layout.layer_chunks`); DCP and megatron-core assemble any chunking, so it loads at every
+TP x PP. A chunk whose bytes are rows of HF tensors in the stored dtype (nearly all) is copied file to file
+by the kernel (`copy_file_range`) inside torch.save's own record (`dist_ckpt.tensor_record`): bytes that pass
+through user memory cost 3-5x the kernel time of a plain copy on the VMs measured, and fresh memory costs
+more still (glibc maps every large allocation anew). What needs memory goes through POOL_BUFFERS buffers
+allocated once: the new rows' float64 moments, summed block by block as the existing rows go by (one
+reused float64 block buffer; the same sums as `vocab.row_moments`, bit for bit), the new and padding rows
+(drawn in that buffer), other dtypes. A background thread does that work (and the reads) ahead of the
+writes; peak RSS is the imports plus ~0.3 GB for Llama-3.1-8B shapes. The records are in a fixed order
+(embedding, layers with their `_extra_state` objects, final norm, head), so the files are deterministic.
+The tokenizer is saved by a third thread meanwhile.
 
 The output loads at any TP x PP (see `layout`); `--tp` only sets the vocabulary padding (128 x TP) and is
 checked against the head counts, `--pp` is checked against the layer count. A tokenizer that already holds

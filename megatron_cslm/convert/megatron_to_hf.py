@@ -1,11 +1,17 @@
 """megatron-core checkpoint (any TP x PP it was trained at) -> HF Llama directory, without custom code.
 
-Reads one decoder layer at a time from the global tensors and streams HF safetensors shards (~5 GB, like
-Meta's) with `model.safetensors.index.json`, at the disk's speed: a background thread reads the next group
-(chunk bytes straight into the buffer, see `dist_ckpt`) while writer threads write this one, each HF tensor
-written from its row blocks of the fused megatron tensor (`layout.layer_row_map`: q/k/v and gate/up are views,
-never copied), each at its planned offset, so shards fill in parallel; the tokenizer, configs and model card
-are written meanwhile by another thread (config.json is removed again if the weights fail). Embedding
+Streams HF safetensors shards (~5 GB, like Meta's) with `model.safetensors.index.json` at the disk's speed in
+a bounded working set. The checkpoint is read in pieces of at most CHUNK_BYTES (32 MiB): row chunks of the
+embedding and head, and each layer's `layout.layer_chunks`, each holding the HF row blocks that land in it
+(`layout.layer_row_map`: q/k/v and gate/up are row ranges, never reassembled). Each block goes to its planned
+offset in its shard: copied file to file by the kernel (`copy_file_range`, no memory at all) when the export
+keeps the stored dtype and the piece is contiguous runs of stored records (`DistCheckpointReader.file_ranges`;
+what the converter and megatron-core write for whole-row chunks); otherwise (a cast, TP-split columns, DCP-only
+records) `pread` into one of POOL_BUFFERS buffers allocated once, cast in place, and `pwrite` from it by the
+writer threads, the buffer going back once written. A background thread plans and reads ahead of the writes;
+peak RSS is the imports plus at most ~0.3 GB whatever the model size. The tokenizer, configs and model card are
+written meanwhile by another thread (config.json is removed again if the weights fail). Embedding
+Embedding
 padding rows are dropped (config.json carries the unpadded vocabulary), RoPE scaling is written in the
 classic `rope_theta` + `rope_scaling` form that vLLM and older transformers read, and the tokenizer saved
 with the checkpoint (speech units as added tokens, Llama-3.1 chat template) is copied alongside.
