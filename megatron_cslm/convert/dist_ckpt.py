@@ -40,6 +40,7 @@ import struct
 import threading
 import uuid
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -135,7 +136,7 @@ class DistCheckpointWriter:
     record (`tensor_record`) around data from memory (`add_tensor`) or copied file to file by the kernel
     (`add_tensor_from_files`)."""
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, copy_threads: int = 2):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=False)
         self._fd = os.open(self.directory / DATA_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -143,11 +144,16 @@ class DistCheckpointWriter:
         self._tensors: dict[str, TensorStorageMetadata] = {}
         self._objects: set[str] = set()
         self._storage: dict[MetadataIndex, _StorageInfo] = {}
+        # file-to-file copies run here while the caller appends the next records around them (their place in
+        # the file is fixed when they are queued, so the bytes do not depend on which thread finishes first)
+        self._copier = ThreadPoolExecutor(max_workers=copy_threads, thread_name_prefix="dist-ckpt-copy")
+        self._copies: list = []
 
     def __enter__(self) -> "DistCheckpointWriter":
         return self
 
     def __exit__(self, *exc) -> None:
+        self._copier.shutdown(wait=True, cancel_futures=True)
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -212,7 +218,8 @@ class DistCheckpointWriter:
                 finally:
                     os.close(fd)
                 at += nbytes
-        self._chunk(key, shape, dtype, global_shape, offset, copy)
+        self._chunk(key, shape, dtype, global_shape, offset, lambda at: self._copies.append(
+            self._copier.submit(copy, at)))
 
     def add_object(self, unique_key: str, value: Any) -> None:
         """Store a megatron-core ShardedObject (saved as a one-element list, like megatron-core does)."""
@@ -221,7 +228,10 @@ class DistCheckpointWriter:
         self._storage[MetadataIndex(unique_key)] = _StorageInfo(DATA_FILE, start, length)
 
     def finish(self, common: dict) -> None:
-        """Check every tensor is fully covered, then write `.metadata`, `common.pt` and `metadata.json`."""
+        """Wait for the queued copies, check every tensor is fully covered, then write `.metadata`, `common.pt`
+        and `metadata.json`."""
+        for future in self._copies:
+            future.result()
         for key, md in self._tensors.items():
             covered = sum(math.prod(c.sizes) for c in md.chunks)
             if covered != math.prod(md.size):

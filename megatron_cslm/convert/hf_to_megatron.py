@@ -9,9 +9,10 @@ by the kernel (`copy_file_range`) inside torch.save's own record (`dist_ckpt.ten
 through user memory cost 3-5x the kernel time of a plain copy on the VMs measured, and fresh memory costs
 more still (glibc maps every large allocation anew). What needs memory goes through POOL_BUFFERS buffers
 allocated once: the new rows' float64 moments, summed block by block as the existing rows go by (one
-reused float64 block buffer; the same sums as `vocab.row_moments`, bit for bit), the new and padding rows
-(drawn in that buffer), other dtypes. A background thread does that work (and the reads) ahead of the
-writes; peak RSS is the imports plus ~0.3 GB for Llama-3.1-8B shapes. The records are in a fixed order
+reused float64 block buffer per matrix; the same sums as `vocab.row_moments`, bit for bit), the new and
+padding rows (drawn in that buffer), other dtypes. Two background threads do that work (embedding, head)
+while this one queues the copies (run by the writer's threads); peak RSS is the imports plus ~0.5 GB for
+Llama-3.1-8B shapes. The records are in a fixed order
 (embedding, layers with their `_extra_state` objects, final norm, head), so the files are deterministic.
 The tokenizer is saved by a third thread meanwhile.
 
@@ -31,6 +32,7 @@ import functools
 import math
 import os
 import shutil
+import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Callable, Iterable
@@ -54,7 +56,7 @@ from megatron_cslm.convert.layout import (
     megatron_layer_shapes,
     row_chunks,
 )
-from megatron_cslm.convert.rawio import BufferPool, read_ahead
+from megatron_cslm.convert.rawio import BufferPool
 from megatron_cslm.convert.safetensors_io import HFCheckpoint
 from megatron_cslm.convert.vocab import BLOCK_ROWS, RowMoments, draw_new_rows, expansion_units, moment_scratch
 from megatron_cslm.errors import CslmError
@@ -97,6 +99,7 @@ class _Chunk:
     fill: Callable[[torch.Tensor], None] | None
     copies: tuple[tuple[str, int, int], ...] = ()
     objects: tuple[str, ...] = ()
+    lane: int = 0  # the background thread that runs `fill`, in order with the lane's other fills
 
     @property
     def nbytes(self) -> int:
@@ -181,7 +184,7 @@ def _matrix_chunks(checkpoint: HFCheckpoint, name: str, key: str, new_count: int
 def plan_chunks(checkpoint: HFCheckpoint, arch: LlamaArch, new_rows: int, padded: int, seed: int,
                 chunk_bytes: int = CHUNK_BYTES) -> list[_Chunk]:
     """Every record of the output, in write order: embedding, layers, final norm, head."""
-    scratch = moment_scratch(arch.hidden_size, new_rows) if new_rows else None  # shared: used one matrix at a time
+    scratch = moment_scratch(arch.hidden_size, new_rows) if new_rows else None
     chunks = _matrix_chunks(checkpoint, "model.embed_tokens.weight", EMBEDDING, new_rows, padded, seed, scratch,
                             chunk_bytes)
     for i in range(arch.num_layers):
@@ -189,9 +192,10 @@ def plan_chunks(checkpoint: HFCheckpoint, arch: LlamaArch, new_rows: int, padded
     h = arch.hidden_size
     chunks.append(_Chunk(FINAL_NORM, (h,), (0,), (h,), _dtype(checkpoint, ["model.norm.weight"]),
                          lambda data: _read_rows(checkpoint, "model.norm.weight", data, 0)))  # 8 KB: via memory
-    if not arch.tie_word_embeddings:
-        chunks += _matrix_chunks(checkpoint, "lm_head.weight", OUTPUT, new_rows, padded, seed + 1, scratch,
-                                 chunk_bytes)
+    if not arch.tie_word_embeddings:  # its own lane (and scratch): its moments are summed alongside the embedding's
+        head_scratch = moment_scratch(arch.hidden_size, new_rows) if new_rows else None
+        chunks += [dataclasses.replace(c, lane=1) for c in _matrix_chunks(
+            checkpoint, "lm_head.weight", OUTPUT, new_rows, padded, seed + 1, head_scratch, chunk_bytes)]
     return chunks
 
 
@@ -202,39 +206,56 @@ def write_checkpoint(checkpoint: HFCheckpoint, arch: LlamaArch, directory: Path,
     chunks = plan_chunks(checkpoint, arch, new_rows, padded, seed, chunk_bytes)
     pool = BufferPool(max(c.nbytes for c in chunks), POOL_BUFFERS)
 
-    def filled(chunk: _Chunk) -> Callable[[], tuple[_Chunk, torch.Tensor | None]]:
-        def task():
-            if chunk.fill is None:
-                return chunk, None
-            buffer = pool.acquire()
-            try:
-                chunk.fill(pool.view(buffer, chunk.dtype, chunk.shape))
-            except BaseException:
-                pool.release(buffer)
-                raise
-            if chunk.copies:  # the rows were only looked at: the record's data is copied from the files
-                pool.release(buffer)
-                return chunk, None
-            return chunk, buffer
-        return task
+    stop = threading.Event()
 
-    with DistCheckpointWriter(directory) as writer, \
+    def filled(chunk: _Chunk) -> torch.Tensor | None:
+        """Run `chunk.fill` in a pool buffer; the buffer when the record is written from it, else None."""
+        if stop.is_set():
+            return None
+        buffer = pool.acquire()
+        try:
+            chunk.fill(pool.view(buffer, chunk.dtype, chunk.shape))
+        except BaseException:
+            pool.release(buffer)
+            raise
+        if chunk.copies:  # the rows were only looked at: the record's data is copied from the files
+            pool.release(buffer)
+            return None
+        return buffer
+
+    # Two background lanes run the fills (reads, moments, new rows), each in order: the embedding's and the
+    # head's moments are summed at the same time. This thread waits only for the records written from memory,
+    # so the file copies go on meanwhile.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fill") as lane0, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="fill-head") as lane1, \
+            DistCheckpointWriter(directory) as writer, \
             tqdm(total=sum(c.nbytes for c in chunks), desc="hf -> megatron", unit="B", unit_scale=True,
                  disable=not progress) as bar:
-        for chunk, buffer in read_ahead(map(filled, chunks), depth=POOL_BUFFERS - 2):
-            if buffer is None:
-                ranges = [checkpoint.byte_range(name, row, nbytes) for name, row, nbytes in chunk.copies]
-                writer.add_tensor_from_files(chunk.key, chunk.shape, chunk.dtype, ranges, chunk.global_shape,
-                                             chunk.offset)
-            else:
-                try:  # the buffer goes back even on failure: the reader may be waiting for it
-                    writer.add_tensor(chunk.key, pool.view(buffer, chunk.dtype, chunk.shape), chunk.global_shape,
-                                      chunk.offset)
-                finally:
-                    pool.release(buffer)
-            for key in chunk.objects:
-                writer.add_object(key, None)
-            bar.update(chunk.nbytes)
+        fills = {i: (lane0, lane1)[c.lane].submit(filled, c) for i, c in enumerate(chunks) if c.fill is not None}
+        try:
+            for i, chunk in enumerate(chunks):
+                if chunk.copies:
+                    ranges = [checkpoint.byte_range(name, row, nbytes) for name, row, nbytes in chunk.copies]
+                    writer.add_tensor_from_files(chunk.key, chunk.shape, chunk.dtype, ranges, chunk.global_shape,
+                                                 chunk.offset)
+                else:
+                    buffer = fills.pop(i).result()
+                    try:  # the buffer goes back even on failure: the lane may be waiting for it
+                        writer.add_tensor(chunk.key, pool.view(buffer, chunk.dtype, chunk.shape),
+                                          chunk.global_shape, chunk.offset)
+                    finally:
+                        pool.release(buffer)
+                for key in chunk.objects:
+                    writer.add_object(key, None)
+                bar.update(chunk.nbytes)
+            for future in fills.values():  # look-only fills (moments): their errors count too
+                future.result()
+        except BaseException:
+            stop.set()
+            for future in fills.values():  # stop the lane: queued fills never start, held buffers go back
+                if not future.cancel() and future.done() and future.exception() is None and future.result() is not None:
+                    pool.release(future.result())
+            raise
         writer.finish(common)
 
 
