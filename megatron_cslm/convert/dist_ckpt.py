@@ -136,7 +136,7 @@ class DistCheckpointWriter:
     record (`tensor_record`) around data from memory (`add_tensor`) or copied file to file by the kernel
     (`add_tensor_from_files`)."""
 
-    def __init__(self, directory: str | Path, copy_threads: int = 2):
+    def __init__(self, directory: str | Path, copy_threads: int = 1):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=False)
         self._fd = os.open(self.directory / DATA_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
