@@ -59,27 +59,13 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
-from megatron_cslm.convert.rawio import copy_range, pread_into, pwrite_from
+from megatron_cslm.convert.rawio import copy_ranges, pread_into, pwrite_from
 from megatron_cslm.errors import CslmError
 from megatron_cslm.fileio import DataError, atomic_open
 
 DATA_FILE = "__0_0.distcp"
 MCORE_CONFIG = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch",
                 "common_backend_version": 1}
-
-
-def exact_storage(t: torch.Tensor) -> torch.Tensor:
-    """Contiguous `t` over a storage of exactly its bytes, sharing its memory (no copy).
-
-    torch.save writes a tensor's whole storage, so a chunk viewed in a larger buffer (a pool buffer, a row
-    range of a matrix) would drag the rest along; a storage slice is a storage of its own that points into
-    the original memory (and keeps it alive)."""
-    nbytes = t.numel() * t.element_size()
-    if t.untyped_storage().nbytes() == nbytes:
-        return t
-    start = t.storage_offset() * t.element_size()
-    storage = t.untyped_storage()[start:start + nbytes]
-    return torch.empty(0, dtype=t.dtype).set_(storage, 0, t.shape)
 
 
 class _RecordCapture(io.RawIOBase):
@@ -106,6 +92,9 @@ class _RecordCapture(io.RawIOBase):
         return view.nbytes
 
 
+_CRC_LOCK = threading.Lock()  # the CRC option is process-wide: one record at a time
+
+
 def tensor_record(shape: Sequence[int], dtype: torch.dtype) -> tuple[bytes, int, bytes]:
     """torch.save's record of one contiguous `shape` tensor of `dtype` without its data: (bytes before the data,
     data length, bytes after). Written around the data, they are the record torch.save writes with
@@ -125,8 +114,6 @@ def tensor_record(shape: Sequence[int], dtype: torch.dtype) -> tuple[bytes, int,
         raise RuntimeError(f"torch.save did not write the {list(shape)} {dtype} data in one piece")
     return bytes(capture.head), capture.hole[1], bytes(capture.tail)
 
-
-_CRC_LOCK = threading.Lock()
 
 
 class DistCheckpointWriter:
@@ -210,16 +197,8 @@ class DistCheckpointWriter:
             raise ValueError(f"{key}: sources hold {sum(n for _, _, n in sources)} bytes, a {list(shape)} {dtype} "
                              "chunk needs " f"{math.prod(shape) * dtype.itemsize}")
 
-        def copy(at: int) -> None:
-            for path, start, nbytes in sources:
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    copy_range(fd, self._fd, nbytes, start, at, path, key)
-                finally:
-                    os.close(fd)
-                at += nbytes
         self._chunk(key, shape, dtype, global_shape, offset, lambda at: self._copies.append(
-            self._copier.submit(copy, at)))
+            self._copier.submit(copy_ranges, sources, self._fd, at, key)))
 
     def add_object(self, unique_key: str, value: Any) -> None:
         """Store a megatron-core ShardedObject (saved as a one-element list, like megatron-core does)."""
@@ -303,13 +282,18 @@ def _contiguous_strides(size: Sequence[int]) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-def _stored_member(fd: int, start: int, info: zipfile.ZipInfo) -> bytes:
-    """The bytes of a stored (uncompressed) zip member of the record at `start`, read through its local header."""
+def _member_offset(fd: int, start: int, info: zipfile.ZipInfo) -> int:
+    """File offset of the data of zip member `info` of the record at `start`, from its local header."""
     header = os.pread(fd, 30, start + info.header_offset)
     if len(header) != 30 or header[:4] != b"PK\x03\x04":
         raise ValueError("bad local header")
     name_len, extra_len = struct.unpack("<HH", header[26:30])
-    data = os.pread(fd, info.file_size, start + info.header_offset + 30 + name_len + extra_len)
+    return start + info.header_offset + 30 + name_len + extra_len
+
+
+def _stored_member(fd: int, start: int, info: zipfile.ZipInfo) -> bytes:
+    """The bytes of a stored (uncompressed) zip member of the record at `start`, read through its local header."""
+    data = os.pread(fd, info.file_size, _member_offset(fd, start, info))
     if len(data) != info.file_size:
         raise ValueError("truncated member")
     return data
@@ -339,20 +323,19 @@ def _raw_tensor_offset(fd: int, start: int, length: int, sizes: Sequence[int], d
                 return None
         pickled = _stored_member(fd, start, pickles[0])  # not archive.read: records may carry no CRC32
         storage, offset, size, stride = _TensorPickle(io.BytesIO(pickled)).load()
-        header = os.pread(fd, 30, start + data[0].header_offset)
+        data_offset = _member_offset(fd, start, data[0])
     except Exception:  # noqa: BLE001 - any surprise: DCP's own reader handles (and names) it
         return None
     dtype_name = str(dtype).removeprefix("torch.")
     storage_class = {"bfloat16": "BFloat16Storage", "float32": "FloatStorage", "float16": "HalfStorage",
                      "float64": "DoubleStorage"}.get(dtype_name)
     numel = math.prod(sizes)
-    if (len(header) != 30 or header[:4] != b"PK\x03\x04" or storage[:2] != ("storage", storage_class)
+    if (storage[:2] != ("storage", storage_class)
             or storage[2] != data[0].filename.rsplit("/", 1)[1] or storage[4] != numel or offset != 0
             or size != tuple(sizes) or stride != _contiguous_strides(sizes)
             or data[0].file_size != numel * dtype.itemsize):
         return None
-    name_len, extra_len = struct.unpack("<HH", header[26:30])
-    return start + data[0].header_offset + 30 + name_len + extra_len
+    return data_offset
 
 
 def _region(key: str, buffer: torch.Tensor, global_shape: torch.Size, offset: Sequence[int]) -> torch.Tensor:

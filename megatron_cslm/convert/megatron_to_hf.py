@@ -11,7 +11,6 @@ records) `pread` into one of POOL_BUFFERS buffers allocated once, cast in place,
 writer threads, the buffer going back once written. A background thread plans and reads ahead of the writes;
 peak RSS is the imports plus at most ~0.3 GB whatever the model size. The tokenizer, configs and model card are
 written meanwhile by another thread (config.json is removed again if the weights fail). Embedding
-Embedding
 padding rows are dropped (config.json carries the unpadded vocabulary), RoPE scaling is written in the
 classic `rope_theta` + `rope_scaling` form that vLLM and older transformers read, and the tokenizer saved
 with the checkpoint (speech units as added tokens, Llama-3.1 chat template) is copied alongside.

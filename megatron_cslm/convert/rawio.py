@@ -83,6 +83,20 @@ def copy_range(src: int, dst: int, nbytes: int, src_offset: int, dst_offset: int
         done += n
 
 
+def copy_ranges(ranges: Iterable[tuple[str | Path, int, int]], dst: int, dst_offset: int,
+                what: str | None = None) -> int:
+    """Copy (path, file offset, byte count) source ranges, in order, to consecutive bytes of `dst` from
+    `dst_offset` (`copy_range` each, the source opened for its copy only); returns the offset after them."""
+    for path, start, nbytes in ranges:
+        src = os.open(path, os.O_RDONLY)
+        try:
+            copy_range(src, dst, nbytes, start, dst_offset, path, what)
+        finally:
+            os.close(src)
+        dst_offset += nbytes
+    return dst_offset
+
+
 def read_ahead(tasks: Iterable[Callable[[], T]], depth: int = 1) -> Iterator[T]:
     """Results of `tasks`, in order, computed in a background thread up to `depth` tasks ahead of the consumer.
 

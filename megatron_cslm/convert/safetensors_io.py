@@ -29,7 +29,7 @@ from typing import Sequence
 import torch
 from safetensors import safe_open
 
-from megatron_cslm.convert.rawio import copy_range, pread_into, pwrite_from
+from megatron_cslm.convert.rawio import copy_ranges, pread_into, pwrite_from
 from megatron_cslm.errors import CslmError
 from megatron_cslm.fileio import DataError, atomic_path, write_json
 
@@ -339,13 +339,7 @@ class ShardedSafetensorsWriter:
         try:
             for fd, data, offset in jobs:
                 if isinstance(data, FileRows):
-                    for path, start, nbytes in data.ranges:
-                        src = os.open(path, os.O_RDONLY)
-                        try:
-                            copy_range(src, fd, nbytes, start, offset, path)
-                        finally:
-                            os.close(src)
-                        offset += nbytes
+                    copy_ranges(data.ranges, fd, offset)
                 else:
                     pwrite_from(fd, data, offset)
         finally:
