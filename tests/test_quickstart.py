@@ -16,24 +16,27 @@ def test_quickstart_runs_every_stage_and_reuses_them(tmp_path):
     first = subprocess.run(["bash", "examples/quickstart_cpu.sh"], cwd=ROOT, env=env, capture_output=True,
                            text=True, timeout=850)
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
-    for stage in range(1, 11):
-        assert f"=== [{stage}/10]" in first.stdout
+    for stage in range(1, 14):
+        assert f"=== [{stage}/13]" in first.stdout
     assert "=== quickstart summary" in first.stdout and "pretraining loss" in first.stdout
     for noise in NOISE:  # issue 12: CPU runs are quiet by default
         assert noise not in first.stdout + first.stderr, noise
-    for path in ("tokenizer/cslm_tokenizer.json", "bin/asr.bin", "bin/replay_lossmask.idx", "pretrain/cslm_model.json",
-                 "sft_data/interleaved.bin", "sft/latest_checkpointed_iteration.txt", "hf/config.json",
-                 "decode/responses.json", "decode/speech_units.txt", "heldout/heldout.json"):
+    for path in ("base_hf/model.safetensors", "base/tokenizer/cslm_tokenizer.json", "bin/asr.bin",
+                 "bin/asr_lossmask.idx", "bin/replay_lossmask.idx", "pretrain_read/cslm_model.json",
+                 "pretrain/cslm_model.json", "sft_data/qa.bin", "sft_data/repeat.bin",
+                 "sft/latest_checkpointed_iteration.txt", "hf/config.json", "decode/responses.json",
+                 "decode/speech_units.txt", "heldout/heldout.json"):
         assert (tmp_path / path).exists(), path
     record = json.loads((tmp_path / "decode" / "decode.jsonl").read_text().splitlines()[0])
     assert record["chunks"], record
-    vocab = json.loads((tmp_path / "tokenizer" / "cslm_tokenizer.json").read_text())["vocab_size"]
+    vocab = json.loads((tmp_path / "base" / "tokenizer" / "cslm_tokenizer.json").read_text())["vocab_size"]
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["vocab_size"] == vocab  # padding stripped
 
     again = subprocess.run(["bash", "examples/quickstart_cpu.sh"], cwd=ROOT, env=env, capture_output=True,
                            text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "iteration" not in again.stdout.split("=== [8/10]")[0]  # no training step ran again
+    assert "iteration" not in again.stdout.split("=== [11/13]")[0]  # no training step ran again
+    assert "toy base LM" not in again.stdout
     held = json.loads((tmp_path / "heldout" / "heldout.json").read_text())
     assert held["summary"]["items"] == 16 and "held-out spoken questions (never trained on): 16" in again.stdout
 

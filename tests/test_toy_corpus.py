@@ -35,14 +35,15 @@ def toy(tmp_path_factory):
     return out
 
 
-def _expected_dedup(tts: ToySpeech, piece: str) -> list[int]:
-    """What a word must sound like, durations aside: its graphemes' units, silence at punctuation."""
+def _expected_dedup(tts: ToySpeech, piece: str, gap_after: bool) -> list[int]:
+    """What a word must sound like, durations aside: its graphemes' units, silence at punctuation, and the short
+    silence between space-separated words when another word follows after a space."""
     seq = []
     for char in piece:
         if char in PAUSE_MARKS:
             seq.append(SILENCE_UNIT)
         seq += tts.grapheme_units(char)
-    return dedup_units(seq)
+    return dedup_units(seq + [SILENCE_UNIT] * gap_after)
 
 
 def _check_aligned(tts: ToySpeech, text: str, units: list[int], words: list[dict]) -> None:
@@ -54,9 +55,10 @@ def _check_aligned(tts: ToySpeech, text: str, units: list[int], words: list[dict
     # One word per spoken piece (a space-separated word or a CJK character), in order, named without punctuation.
     pieces = [p for p in split_pieces(text) if any(c.isalnum() for c in p)]
     assert [w["word"] for w in words] == [bare_word(p) for p in pieces]
-    for w, piece in zip(words, pieces):
+    for i, (w, piece) in enumerate(zip(words, pieces)):
         assert w["end"] > w["start"]
-        assert dedup_units(units[w["start"]:w["end"]]) == _expected_dedup(tts, piece), (text, w)
+        gap_after = i + 1 < len(pieces) and pieces[i + 1][:1].isspace()
+        assert dedup_units(units[w["start"]:w["end"]]) == _expected_dedup(tts, piece, gap_after), (text, w)
 
 
 @pytest.mark.timeout(60)

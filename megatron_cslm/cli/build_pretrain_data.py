@@ -63,8 +63,14 @@ def get_args(argv=None) -> argparse.Namespace:
                              "megatron_cslm/data/documents/templates.py)")
     parser.add_argument("--mask-prompt", action="store_true",
                         help="replay: mark everything except assistant replies 'loss': false")
+    parser.add_argument("--mask-inputs", action="store_true",
+                        help="asr, tts, cross_speech: train on the target (the last segment: transcript, speech, "
+                             "translation) only; the prompt and the input are context")
     parser.add_argument("--num-units", type=positive_int, default=4096,
                         help="speech-unit vocabulary size; units must lie in [0, num_units) (default 4096)")
+    parser.add_argument("--dedup-units", action="store_true",
+                        help="collapse repeated units (1 1 2 -> 1 2; word timestamps follow) of frame-rate inputs, "
+                             "as tokenize_speech.py --dedup does; inputs already collapsed are unchanged")
     parser.add_argument("--seed", type=int, default=0, help="seed of all sampling (default 0)")
     parser.add_argument("--skip-bad-records", action="store_true",
                         help="count bad records (malformed JSON included) as skipped, by reason, instead of "
@@ -96,7 +102,9 @@ def main(argv=None) -> int:
     config = RecipeConfig(
         recipes=tuple(args.recipes), p={r: getattr(args, f"p_{r}") for r in args.recipes},
         chunk_words=args.interleave_chunk_words, langs=args.langs, mask_prompt=args.mask_prompt,
-        num_units=args.num_units, seed=args.seed, skip_bad_records=args.skip_bad_records,
+        mask_inputs=args.mask_inputs,
+        num_units=args.num_units, dedup_units=args.dedup_units, seed=args.seed,
+        skip_bad_records=args.skip_bad_records,
         templates=Templates.from_file(args.templates) if args.templates else Templates.default())
     counters = build_pretrain_data(args.out_dir, args.asr, args.parallel, args.instruct, config, progress=True)
     for recipe, counter in counters.items():

@@ -18,10 +18,10 @@ from __future__ import annotations
 import argparse
 import logging
 
-from megatron_cslm.cli import positive_int, tool_parser
+from megatron_cslm.cli import nonnegative_float, positive_int, tool_parser
 from megatron_cslm.cli.verify_args import add_verify_args, verify_exit_code
 from megatron_cslm.convert.hf_to_megatron import convert_hf_to_megatron
-from megatron_cslm.convert.vocab import expansion_units
+from megatron_cslm.convert.vocab import NOISE_SCALE, expansion_units
 from megatron_cslm.errors import CslmError
 from megatron_cslm.speech.identity import DEFAULT_S3_TOKENIZER, S3_TOKENIZERS, s3_identity
 
@@ -59,6 +59,10 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Number of discrete speech units (default: the speech tokenizer's codes; must equal them "
                         "when both are given).")
     g.add_argument("--seed", type=int, default=1234, help="Seed of the noise added to the new rows.")
+    g.add_argument("--new-row-noise", type=nonnegative_float, default=NOISE_SCALE,
+                   help="Variance of the new rows around the existing rows' mean, in units of the existing rows' "
+                        "variance: 1e-5 as transformers' mean resizing; 1 spreads them like the text rows (a short "
+                        "run on a small model tells the units apart sooner; the quickstart uses it).")
     add_verify_args(p, hf_role="original")
     return p.parse_args(argv)
 
@@ -78,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     manifest = convert_hf_to_megatron(args.hf_dir, args.out, tensor_parallel_size=args.tp,
                                       pipeline_parallel_size=args.pp, expand_vocab=args.expand_vocab,
                                       num_units=num_units, tokenizer=args.tokenizer, seed=args.seed,
+                                      noise_scale=args.new_row_noise,
                                       speech_tokenizer=identity)
     print(f"wrote {args.out}: vocab {manifest.arch.vocab_size} (padded {manifest.padded_vocab_size}), "
           f"{manifest.arch.num_layers} layers")

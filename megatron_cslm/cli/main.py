@@ -17,6 +17,8 @@ from megatron_cslm.errors import EXIT_CODES_HELP
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "make-toy-corpus": ("megatron_cslm.cli.make_toy_corpus", "write the embedded SYNTHETIC bilingual toy corpus"),
     "make-toy-tokenizer": ("megatron_cslm.cli.make_toy_tokenizer", "train the quickstart's small tokenizer"),
+    "make-toy-base-model": ("megatron_cslm.cli.make_toy_base_model",
+                            "train the quickstart's tiny base LM (the Llama stand-in), saved as HF"),
     "tokenize-speech": ("megatron_cslm.cli.tokenize_speech", "audio manifest -> S3 speech units (JSONL)"),
     "align-words": ("megatron_cslm.cli.align_words", "units JSONL + audio -> word timestamps (CTC forced alignment)"),
     "hf-to-megatron": ("megatron_cslm.cli.hf_to_megatron", "HF Llama -> megatron-core checkpoint (+ vocab expansion)"),

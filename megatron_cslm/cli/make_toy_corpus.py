@@ -6,7 +6,7 @@ Example:
 """
 import argparse
 
-from megatron_cslm.cli import positive_int, tool_parser
+from megatron_cslm.cli import nonnegative_int, positive_int, tool_parser
 from megatron_cslm.toy.corpus import TOY_UNIT_RANGE, make_toy_corpus
 
 
@@ -15,7 +15,8 @@ def get_args(argv=None) -> argparse.Namespace:
         "Write the toy corpus shipped with megatron_cslm: 160 English/Chinese sentence pairs and 40 Q/A pairs "
         "written for the project, with SYNTHETIC speech (each letter/character is a fixed short unit sequence, "
         "stretched per speaker). Files: manifest.jsonl (ASR/TTS manifest with word timestamps), parallel.jsonl, "
-        "instruct.jsonl, dialogue_sft.jsonl, heldout.jsonl (spoken questions kept out of training), info.json. "
+        "instruct.jsonl, dialogue_sft.jsonl, heldout.jsonl (spoken questions kept out of training), reading.jsonl "
+        "and repeat_dialogue.jsonl (read speech and repeat-after-me dialogues, --reading), info.json. "
         "Nothing is downloaded; the output depends only on the "
         "arguments.", show_defaults=False)
     parser.add_argument("--out", required=True, help="output directory (created if missing)")
@@ -28,12 +29,22 @@ def get_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--speakers", type=positive_int, default=4,
                         help="number of toy voices; every sentence is said by each (default 4); speaker 0 is "
                              "the assistant's voice in dialogue_sft.jsonl")
-    return parser.parse_args(argv)
+    parser.add_argument("--reading", type=nonnegative_int, default=0,
+                        help="read-speech utterances (random word sequences of the corpus's lexicon) in "
+                             "reading.jsonl, for ASR pretraining (default 0; the quickstart writes 8000)")
+    parser.add_argument("--reading-dialogues", type=nonnegative_int, default=0,
+                        help="repeat-after-me SFT dialogues over the first read-speech utterances, in "
+                             "repeat_dialogue.jsonl (default 0, at most --reading)")
+    args = parser.parse_args(argv)
+    if not 0 <= args.reading_dialogues <= args.reading:
+        parser.error(f"--reading-dialogues must be in [0, --reading={args.reading}], got {args.reading_dialogues}")
+    return args
 
 
 def main(argv=None) -> int:
     args = get_args(argv)
-    info = make_toy_corpus(args.out, num_units=args.num_units, seed=args.seed, speakers=args.speakers)
+    info = make_toy_corpus(args.out, num_units=args.num_units, seed=args.seed, speakers=args.speakers,
+                           reading=args.reading, reading_dialogues=args.reading_dialogues)
     print(f"SYNTHETIC toy corpus (not real speech) -> {args.out}: units in [0, {info['unit_range']}), "
           f"{len(info['speakers'])} speakers")
     for name, count in info["files"].items():

@@ -58,7 +58,14 @@ from megatron_cslm.convert.layout import (
 )
 from megatron_cslm.convert.rawio import BufferPool
 from megatron_cslm.convert.safetensors_io import HFCheckpoint
-from megatron_cslm.convert.vocab import BLOCK_ROWS, RowMoments, draw_new_rows, expansion_units, moment_scratch
+from megatron_cslm.convert.vocab import (
+    BLOCK_ROWS,
+    NOISE_SCALE,
+    RowMoments,
+    draw_new_rows,
+    expansion_units,
+    moment_scratch,
+)
 from megatron_cslm.errors import CslmError
 from megatron_cslm.fileio import DataError, atomic_open, make_dirs
 from megatron_cslm.models.llama import LlamaArch, check_parallel_fit, padded_vocab_size
@@ -145,7 +152,7 @@ def _layer_chunks(checkpoint: HFCheckpoint, arch: LlamaArch, i: int, chunk_bytes
 
 
 def _matrix_chunks(checkpoint: HFCheckpoint, name: str, key: str, new_count: int, padded: int, seed: int,
-                   scratch: torch.Tensor | None, chunk_bytes: int) -> list[_Chunk]:
+                   scratch: torch.Tensor | None, chunk_bytes: int, noise_scale: float) -> list[_Chunk]:
     """An embedding-shaped matrix as row chunks; with new rows, their moments are summed as the existing rows
     stream by, and the new rows (`vocab.tail_rows`'s values, drawn in `scratch`) and the zero padding follow
     as the last chunks."""
@@ -164,7 +171,8 @@ def _matrix_chunks(checkpoint: HFCheckpoint, name: str, key: str, new_count: int
 
     def tail(data: torch.Tensor, r: int) -> None:
         if new_count and not drawn:  # every existing row has gone by: the moments are complete
-            drawn.append(draw_new_rows(*moments.result(), new_count, torch.Generator().manual_seed(seed), scratch))
+            drawn.append(draw_new_rows(*moments.result(), new_count, torch.Generator().manual_seed(seed), scratch,
+                                       noise_scale))
         split = max(0, min(data.shape[0], v + new_count - r))
         if split:
             data[:split].copy_(drawn[0][r - v:r - v + split])
@@ -182,11 +190,11 @@ def _matrix_chunks(checkpoint: HFCheckpoint, name: str, key: str, new_count: int
 
 
 def plan_chunks(checkpoint: HFCheckpoint, arch: LlamaArch, new_rows: int, padded: int, seed: int,
-                chunk_bytes: int = CHUNK_BYTES) -> list[_Chunk]:
+                chunk_bytes: int = CHUNK_BYTES, noise_scale: float = NOISE_SCALE) -> list[_Chunk]:
     """Every record of the output, in write order: embedding, layers, final norm, head."""
     scratch = moment_scratch(arch.hidden_size, new_rows) if new_rows else None
     chunks = _matrix_chunks(checkpoint, "model.embed_tokens.weight", EMBEDDING, new_rows, padded, seed, scratch,
-                            chunk_bytes)
+                            chunk_bytes, noise_scale)
     for i in range(arch.num_layers):
         chunks += _layer_chunks(checkpoint, arch, i, chunk_bytes)
     h = arch.hidden_size
@@ -195,15 +203,17 @@ def plan_chunks(checkpoint: HFCheckpoint, arch: LlamaArch, new_rows: int, padded
     if not arch.tie_word_embeddings:  # its own lane (and scratch): its moments are summed alongside the embedding's
         head_scratch = moment_scratch(arch.hidden_size, new_rows) if new_rows else None
         chunks += [dataclasses.replace(c, lane=1) for c in _matrix_chunks(
-            checkpoint, "lm_head.weight", OUTPUT, new_rows, padded, seed + 1, head_scratch, chunk_bytes)]
+            checkpoint, "lm_head.weight", OUTPUT, new_rows, padded, seed + 1, head_scratch, chunk_bytes,
+            noise_scale)]
     return chunks
 
 
 def write_checkpoint(checkpoint: HFCheckpoint, arch: LlamaArch, directory: Path, new_rows: int, padded: int,
-                     seed: int, common: dict, progress: bool = True, chunk_bytes: int = CHUNK_BYTES) -> None:
+                     seed: int, common: dict, progress: bool = True, chunk_bytes: int = CHUNK_BYTES,
+                     noise_scale: float = NOISE_SCALE) -> None:
     """Stream the HF tensors into a new `torch_dist` checkpoint directory through `POOL_BUFFERS` reused buffers:
     a background thread fills the next chunks (reads, and the moments and new rows) while this one writes."""
-    chunks = plan_chunks(checkpoint, arch, new_rows, padded, seed, chunk_bytes)
+    chunks = plan_chunks(checkpoint, arch, new_rows, padded, seed, chunk_bytes, noise_scale)
     pool = BufferPool(max(c.nbytes for c in chunks), POOL_BUFFERS)
 
     stop = threading.Event()
@@ -262,11 +272,13 @@ def write_checkpoint(checkpoint: HFCheckpoint, arch: LlamaArch, directory: Path,
 def convert_hf_to_megatron(hf_dir: str | Path, out: str | Path, *, tensor_parallel_size: int = 1,
                            pipeline_parallel_size: int = 1, expand_vocab: bool = False,
                            num_units: int | None = None, tokenizer: str | Path | None = None, seed: int = 1234,
-                           progress: bool = True, speech_tokenizer: SpeechTokenizerId | None = None) -> ModelManifest:
+                           progress: bool = True, speech_tokenizer: SpeechTokenizerId | None = None,
+                           noise_scale: float = NOISE_SCALE) -> ModelManifest:
     """Convert `hf_dir` into a new run directory `out`; returns its manifest (also saved as cslm_model.json).
 
     `speech_tokenizer`: the identity of the units the model will be trained on, recorded in the manifest (the
-    expansion then holds its codes; `num_units` must agree). Default unit count: the paper's tokenizer's."""
+    expansion then holds its codes; `num_units` must agree). Default unit count: the paper's tokenizer's.
+    `noise_scale`: variance of the new rows around the existing rows' mean, in units of their variance (`vocab`)."""
     hf_dir, out = Path(hf_dir), Path(out)
     num_units = expansion_units(num_units, speech_tokenizer.name if speech_tokenizer else None)
     arch = LlamaArch.from_hf_config(hf_dir)
@@ -309,7 +321,8 @@ def convert_hf_to_megatron(hf_dir: str | Path, out: str | Path, *, tensor_parall
         small = pool.submit(small_files)  # the tracker, written last, is what makes the directory a checkpoint
         try:
             write_checkpoint(checkpoint, arch, tmp, vocab - base, padded, seed,
-                             {"cslm": {"iteration": 0, "converted_from": str(hf_dir)}}, progress)
+                             {"cslm": {"iteration": 0, "converted_from": str(hf_dir)}}, progress,
+                             noise_scale=noise_scale)
         except BaseException:
             wait([small])
             shutil.rmtree(tmp, ignore_errors=True)
@@ -318,7 +331,8 @@ def convert_hf_to_megatron(hf_dir: str | Path, out: str | Path, *, tensor_parall
     os.replace(tmp, final)
     manifest = ModelManifest(arch.with_vocab(vocab), padded, "tokenizer", base_model=hf_dir.resolve().name,
                              lineage=({"stage": "convert", "from": str(hf_dir.resolve()),
-                                       "expand_vocab": bool(speech), "num_units": num_units if speech else None},),
+                                       "expand_vocab": bool(speech), "num_units": num_units if speech else None,
+                                       **({"new_row_noise": noise_scale} if speech else {})},),
                              speech_tokenizer=speech_tokenizer)
     manifest.save(out)
     with atomic_open(out / TRACKER) as f:

@@ -33,7 +33,7 @@ def read_heldout(corpus: str | Path) -> list[dict]:
 
 
 def evaluate_heldout(model: str | Path, corpus: str | Path, output_dir: str | Path,
-                     max_new_tokens: int = 256, device: str | None = "cpu") -> dict:
+                     max_new_tokens: int = 256, device: str | None = "cpu", dedup_units: bool = False) -> dict:
     """Answer every held-out question (greedy); returns {"summary": {...}, "items": [...]}."""
     from megatron_cslm.data.sft import SFTConfig, SFTEncoder
     from megatron_cslm.inference.evaluate import evaluate
@@ -45,7 +45,7 @@ def evaluate_heldout(model: str | Path, corpus: str | Path, output_dir: str | Pa
 
     records = read_heldout(corpus)
     lm = SpeechLM.from_pretrained(model, device=device)
-    encoder = SFTEncoder(lm.tok, SFTConfig())
+    encoder = SFTEncoder(lm.tok, SFTConfig(dedup_units=dedup_units))
     items = []
     for lang in sorted({r["lang"] for r in records}):
         mine = [r for r in records if r["lang"] == lang]
@@ -75,8 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--corpus", required=True, help="toy corpus directory (holds heldout.jsonl)")
     parser.add_argument("--output-dir", required=True, help="heldout.json and decode outputs go here")
     parser.add_argument("--max-new-tokens", type=positive_int, default=256, help="generated tokens per answer")
+    parser.add_argument("--dedup-units", action="store_true",
+                        help="the model was trained on deduplicated units: collapse repeats in the questions' units")
     args = parser.parse_args(argv)
-    result = evaluate_heldout(args.model, args.corpus, args.output_dir, args.max_new_tokens)
+    result = evaluate_heldout(args.model, args.corpus, args.output_dir, args.max_new_tokens,
+                              dedup_units=args.dedup_units)
     for item in result["items"]:
         mark = "ok" if item["answer_correct"] else "--"
         print(f"[{mark}] {item['lang']} TQ {item['tq']!r} (true {item['question']!r}, CER {item['tq_cer']:.2f}); "

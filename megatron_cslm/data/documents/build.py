@@ -14,6 +14,11 @@ where a segment may carry ``"loss": false`` to keep it out of the loss. The reci
 * ``replay``: instruction data in the Llama-3.1 chat format, so the chat ability survives pretraining;
   with ``mask_prompt`` everything but the assistant replies (and their ``<|eot_id|>``) is masked.
 
+With ``mask_inputs``, the one-way recipes (`MASKABLE`: asr, tts, cross_speech) train on their target alone,
+the last segment (the transcript, the speech, the translation), and keep the prompt and the input as context:
+predicting a transcript's speech units from nothing teaches nothing, and on the quickstart's tiny model that
+loss crowds out learning to read (see examples/quickstart_cpu.sh).
+
 ``lang`` is the record's language (``src-tgt`` for the two translation recipes). Every record of a source
 is offered to every enabled recipe of that source; each recipe keeps it with probability ``p[recipe]``. All
 randomness comes from ``random.Random(f"{seed}|{recipe}|{record id}")``, so the output depends only on the
@@ -64,6 +69,8 @@ class RecipeConfig:
     langs: tuple[str, str] = ("zh", "en")
     mask_prompt: bool = False
     num_units: int = 4096
+    dedup_units: bool = False  # collapse repeated units of every input (records already collapsed are unchanged)
+    mask_inputs: bool = False  # asr, tts, cross_speech: loss on the last segment (the target) only
     seed: int = 0
     skip_bad_records: bool = False
     templates: Templates = field(default_factory=Templates.default)
@@ -166,6 +173,16 @@ def _builders(config: RecipeConfig) -> dict[str, Callable]:
     }
 
 
+MASKABLE = ("asr", "tts", "cross_speech")  # recipes with one input and one target (the last segment)
+
+
+def mask_inputs(doc: dict) -> dict:
+    """`doc` with every segment but the last (its target) marked ``"loss": false``."""
+    for segment in doc["segments"][:-1]:
+        segment["loss"] = False
+    return doc
+
+
 # Why a recipe returned no document.
 NO_DOC_REASON = {"interleave": "too_short", "cross_speech": "no_speech"}
 
@@ -186,8 +203,12 @@ def build_pretrain_data(out_dir: str | Path, speech: Iterable[str | Path] = (), 
     missing = [r for r in config.recipes if not inputs[RECIPES[r]]]
     if missing:
         raise ValueError(f"recipe(s) {missing} need {sorted({RECIPES[r] for r in missing})} input files")
-    parsers = {"speech": lambda raw, path, line: parse_speech(raw, path, line, config.num_units),
-               "parallel": lambda raw, path, line: parse_parallel(raw, path, line, config.langs, config.num_units),
+    def collapsed(record):  # speech and parallel records, with --dedup-units
+        return record.deduplicated() if config.dedup_units else record
+
+    parsers = {"speech": lambda raw, path, line: collapsed(parse_speech(raw, path, line, config.num_units)),
+               "parallel": lambda raw, path, line: collapsed(
+                   parse_parallel(raw, path, line, config.langs, config.num_units)),
                "instruct": parse_instruction}
     builders = _builders(config)
     counters = {r: SkipCounter() for r in config.recipes}
@@ -233,6 +254,8 @@ def build_pretrain_data(out_dir: str | Path, speech: Iterable[str | Path] = (), 
                         if doc is None:
                             counters[r].skip(NO_DOC_REASON[r], rec.id)
                             continue
+                        if config.mask_inputs and r in MASKABLE:
+                            mask_inputs(doc)
                         if ident is not None and any("units" in seg for seg in doc["segments"]):
                             doc[IDENTITY_KEY] = ident.to_dict()
                         outs[r].write(json.dumps(doc, ensure_ascii=False) + "\n")
@@ -243,7 +266,8 @@ def build_pretrain_data(out_dir: str | Path, speech: Iterable[str | Path] = (), 
         "inputs": inputs,
         "config": {"recipes": list(config.recipes), "p": {r: config.p.get(r, 1.0) for r in config.recipes},
                    "chunk_words": list(config.chunk_words), "langs": list(config.langs),
-                   "mask_prompt": config.mask_prompt, "num_units": config.num_units, "seed": config.seed,
+                   "mask_prompt": config.mask_prompt, "num_units": config.num_units,
+                   "dedup_units": config.dedup_units, "mask_inputs": config.mask_inputs, "seed": config.seed,
                    "skip_bad_records": config.skip_bad_records},
         "recipes": {r: c.as_dict() for r, c in counters.items()},
         IDENTITY_KEY: speech_ids.identity.to_dict() if speech_ids.identity else None,

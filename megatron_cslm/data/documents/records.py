@@ -12,11 +12,13 @@ Accepted inputs:
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from megatron_cslm.data.chunking import check_words
+from megatron_cslm.data.chunking import check_words, dedup_units, raw_to_dedup
 from megatron_cslm.fileio import DataError, require
+from megatron_cslm.speech.runs import unit_runs
 from megatron_cslm.text.language import guess_lang  # the project's one language rule (used when "lang" is absent)
 from megatron_cslm.text.units import UnitListError, check_units
 
@@ -64,6 +66,18 @@ class SpeechRecord:
     path: str
     line: int
 
+    def deduplicated(self) -> "SpeechRecord":
+        """Runs of a repeated unit collapsed (`1 1 2 2 2 3` -> `1 2 3`, what `tokenize-speech --dedup` writes),
+        word timestamps moved to the collapsed indices (`chunking.raw_to_dedup`: a run cut by a word boundary
+        stays with the word before it)."""
+        units, durations = unit_runs(self.units)
+        words = self.words
+        if words is not None:
+            starts = raw_to_dedup(durations, [w["start"] for w in words])
+            ends = raw_to_dedup(durations, [w["end"] for w in words])
+            words = [{**w, "start": a, "end": b} for w, a, b in zip(words, starts, ends)]
+        return dataclasses.replace(self, units=units, words=words)
+
 
 def parse_speech(record: dict, path: str, line: int, num_units: int) -> SpeechRecord:
     text = _text(record, "text", path, line)
@@ -87,6 +101,10 @@ class ParallelRecord:
     id: str
     text: dict[str, str]
     units: dict[str, list[int]] = field(default_factory=dict)
+
+    def deduplicated(self) -> "ParallelRecord":
+        """Runs of a repeated unit collapsed on every spoken side."""
+        return dataclasses.replace(self, units={lang: dedup_units(u) for lang, u in self.units.items()})
 
 
 def parse_parallel(record: dict, path: str, line: int, langs: tuple[str, str], num_units: int) -> ParallelRecord:
