@@ -6,14 +6,13 @@ a Hugging Face Llama directory (see `megatron_cslm.toy.base_model` for why and w
 
 One process, plain PyTorch (about a minute on 2 cores at the defaults).
 """
-import json
 from pathlib import Path
 
 from megatron_cslm.cli import positive_float, positive_int, tool_parser
 from megatron_cslm.errors import CslmError
 from megatron_cslm.models.llama import ARCHS
-from megatron_cslm.toy.base_model import train_toy_base_model
-from megatron_cslm.toy.tokenizer import toy_texts
+from megatron_cslm.text.tokenizer import META_FILE
+from megatron_cslm.toy.base_model import base_corpus, train_toy_base_model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,20 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=positive_float, default=3e-3, help="peak learning rate (cosine to 10%%)")
     p.add_argument("--seed", type=int, default=1234, help="initialisation and data order")
     args = p.parse_args(argv)
-    corpus = Path(args.corpus)
-    for name in ("parallel.jsonl", "instruct.jsonl"):
-        if not (corpus / name).exists():
-            raise CslmError(corpus / name, None, None, "missing: write the toy corpus first (cslm make-toy-corpus)",
-                            kind="io", reason="missing_input")
-    if (Path(args.tokenizer) / "cslm_tokenizer.json").exists():
+    if (Path(args.tokenizer) / META_FILE).exists():
         raise CslmError(args.tokenizer, None, "--tokenizer", "already holds speech units: give the text tokenizer "
                         "(cslm make-toy-tokenizer --text-only)", kind="compat")
-    texts = toy_texts(corpus)
-    reading = corpus / "reading.jsonl"
-    if reading.exists():
-        texts += [json.loads(line)["text"] for line in reading.read_text(encoding="utf-8").splitlines() if line]
-    qa = [(r["prompt"], r["response"]) for r in map(json.loads, (corpus / "instruct.jsonl").read_text(
-        encoding="utf-8").splitlines())]
+    texts, qa = base_corpus(args.corpus)
     stats = train_toy_base_model(args.tokenizer, texts, qa, args.out, arch=args.arch, steps=args.steps,
                                  batch_size=args.batch_size,
                                  seq_length=args.seq_length, lr=args.lr, seed=args.seed)

@@ -70,10 +70,7 @@ from megatron_cslm.errors import CslmError
 from megatron_cslm.fileio import DataError, atomic_open, make_dirs
 from megatron_cslm.models.llama import LlamaArch, check_parallel_fit, padded_vocab_size
 from megatron_cslm.speech.identity import SpeechTokenizerId
-from megatron_cslm.text.tokenizer import CHAT_TEMPLATE_FILE, META_FILE, SpeechTextTokenizer
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   CHAT_TEMPLATE_FILE, META_FILE)
+from megatron_cslm.text.tokenizer import TOKENIZER_FILES, SpeechTextTokenizer
 
 
 def expansion_tokenizer(tokenizer_dir: str | Path, num_units: int) -> SpeechTextTokenizer:

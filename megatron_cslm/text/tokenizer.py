@@ -44,11 +44,14 @@ from megatron_cslm.text.units import UNIT_TOKEN, UnitLayout, UnitListError, chec
 from megatron_cslm.text.vocabulary import Vocabulary, resolve_vocabulary
 
 __all__ = ["CHAT_TEMPLATE_FILE", "LLAMA31_CHAT_TEMPLATE", "META_FILE", "Segment", "SpecialTokens",
-           "SpeechTextTokenizer"]
+           "SpeechTextTokenizer", "TOKENIZER_FILES"]
 
 logger = logging.getLogger(__name__)
 META_FILE = "cslm_tokenizer.json"
 META_FORMAT = 2
+# What a tokenizer directory may hold, copied as they are when a checkpoint or model directory carries its tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   CHAT_TEMPLATE_FILE, META_FILE)
 
 
 @dataclass

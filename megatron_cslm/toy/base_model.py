@@ -26,14 +26,34 @@ from pathlib import Path
 
 import torch
 
-from megatron_cslm.fileio import write_json
+from megatron_cslm.errors import CslmError
+from megatron_cslm.fileio import iter_jsonl, require, write_json
+from megatron_cslm.text.tokenizer import TOKENIZER_FILES
+from megatron_cslm.toy.tokenizer import toy_texts
 
 log = logging.getLogger(__name__)
 
 # RoPE base of the stand-in: with 16-wide heads, Llama-3's 500,000 leaves only ~2 of 8 frequency pairs turning
 # within a 256-token window, and in-context copying needs to tell neighbouring positions apart.
 BASE_ROPE_THETA = 10_000.0
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def base_corpus(corpus_dir: str | Path) -> tuple[list[str], list[tuple[str, str]]]:
+    """The stand-in's material in a toy corpus directory: its texts (`toy_texts`, plus the read-speech sentences
+    when ``reading.jsonl`` was written) and the Q/A pairs of ``instruct.jsonl``."""
+    corpus = Path(corpus_dir)
+    for name in ("parallel.jsonl", "instruct.jsonl"):
+        if not (corpus / name).exists():
+            raise CslmError(corpus / name, None, None, "missing: write the toy corpus first (cslm make-toy-corpus)",
+                            kind="io", reason="missing_input")
+    texts = toy_texts(corpus)
+    reading = corpus / "reading.jsonl"
+    if reading.exists():
+        texts += [require(r, "text", str, reading, line) for line, r in iter_jsonl(reading)]
+    instruct = corpus / "instruct.jsonl"
+    qa = [(require(r, "prompt", str, instruct, line), require(r, "response", str, instruct, line))
+          for line, r in iter_jsonl(instruct)]
+    return texts, qa
 
 
 def base_documents(tokenizer, texts: list[str], qa: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
