@@ -11,12 +11,15 @@ each in its own subprocess:
 and the same for the tiny model. Baseline, in this process on the same files: a plain copy of the input's
 files (the HF shards for HF -> megatron, the megatron checkpoint for megatron -> HF), so `vs copy` is a
 conversion's throughput over what the disk does for the same bytes read and written. The two are measured
-alike and interleaved (copy, convert, copy, convert, ... `--repeats` rounds; best of each): before every
-step the input is written back and dropped from the page cache (`--cache cold`; `--cache warm` reads it
-through once instead), and every step ends with its output on disk (`os.sync`). A conversion's time is the
-tool's run after its libraries are imported (the wrapper imports torch, transformers and the converters
-first, so interpreter start-up is not counted); its peak RSS is the process's own high-water mark (VmHWM;
-the converters start no child processes), imports included.
+alike and interleaved (copy, convert, copy, convert, ... `--repeats` rounds; best of each). Every timed step
+starts right after the same preparation: the step's previous output deleted, everything written back, and
+the input dropped from the page cache (`--cache cold`; `--cache warm` reads it through once instead); it
+ends with its output on disk (`os.sync`). The conversion runs in a fresh interpreter that imports torch,
+transformers and the converters, then waits: it is prepared for and started like the copy, so interpreter
+start-up is not counted and both meet the same memory state (on a VM that hands freed pages back to its
+host, pages freed seconds earlier cost several times more to touch than pages freed just now; a step
+prepared before a 3 s import would meet the former, the copy the latter). A conversion's peak RSS is the
+process's own high-water mark (VmHWM; the converters start no child processes), imports included.
 
     python bench/convert.py              # 8B + tiny; needs ~70 GB free under --work-dir
     python bench/convert.py --layers 8   # 8B shapes, 8 of 32 layers: ~5.6 GB per checkpoint, ~25 GB of disk
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -36,6 +40,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from _common import evict
@@ -49,13 +54,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 GiB = 2**30
 POOL = 2**27  # random bf16 values reused at random offsets (256 MB)
-# Runs a CLI as __main__ after importing what it imports, times the run to its output being on disk, and reports
-# the peak RSS of this process image (VmHWM). rusage maxrss would also count the bench process's pages at fork
-# time (Linux folds the pre-exec hiwater mark into it).
+# Runs a CLI as __main__ after importing what it imports and waiting for a line on stdin (sent once the step is
+# prepared), times the run to its output being on disk, and reports the peak RSS of this process image (VmHWM).
+# rusage maxrss would also count the bench process's pages at fork time (Linux folds the pre-exec hiwater mark
+# into it).
 PEAK_WRAPPER = """import os, runpy, sys, time
 import torch, transformers, megatron.core
 import megatron_cslm.cli.hf_to_megatron, megatron_cslm.cli.megatron_to_hf
 sys.argv = sys.argv[1:]
+print("READY", flush=True)
+sys.stdin.readline()
 start = time.perf_counter()
 try:
     try:
@@ -97,15 +105,22 @@ def random_hf_checkpoint(out: Path, arch: LlamaArch, max_shard_bytes: int, seed:
                                                                   eos_token_id=128001), indent=2))
 
 
-def run_measured(script: str, *args: str) -> tuple[float, float]:
-    """(seconds, peak RSS GiB) of a CLI run in a fresh interpreter; raises with its output if it fails."""
-    proc = subprocess.run([sys.executable, "-c", PEAK_WRAPPER, script, *args], cwd=ROOT, capture_output=True,
-                          text=True)
-    if proc.returncode:
-        raise RuntimeError(f"{script} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}"
-                           f"\n{proc.stderr[-3000:]}")
-    seconds = float(proc.stdout.rsplit("RUN_SECONDS", 1)[1].split()[0])
-    peak_kib = int(proc.stdout.rsplit("PEAK_RSS_KIB", 1)[1].split()[0])
+def run_measured(prepare_step: Callable[[], None], script: str, *args: str) -> tuple[float, float]:
+    """(seconds, peak RSS GiB) of a CLI run in a fresh interpreter, started once its imports are done and
+    `prepare_step` has run; raises with its output if it fails."""
+    proc = subprocess.Popen([sys.executable, "-c", PEAK_WRAPPER, script, *args], cwd=ROOT, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ready = proc.stdout.readline()
+    if ready.strip() == "READY":
+        prepare_step()
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+    out, err = proc.communicate()
+    if proc.returncode or ready.strip() != "READY":
+        raise RuntimeError(f"{script} {' '.join(args)} failed ({proc.returncode}):\n{(ready + out)[-3000:]}"
+                           f"\n{err[-3000:]}")
+    seconds = float(out.rsplit("RUN_SECONDS", 1)[1].split()[0])
+    peak_kib = int(out.rsplit("PEAK_RSS_KIB", 1)[1].split()[0])
     return seconds, peak_kib * 1024 / GiB
 
 
@@ -113,9 +128,10 @@ def files_of(directory: Path) -> list[Path]:
     return sorted(p for p in directory.rglob("*") if p.is_file())
 
 
-def prepare(src: Path, cache: str) -> None:
-    """Put `src`'s files in the same page-cache state before every step: written back and dropped (cold), or
-    read through once (warm)."""
+def prepare(src: Path, cache: str, stale: Path) -> None:
+    """The state every timed step starts from: the step's previous output `stale` deleted, everything written
+    back, and `src`'s files dropped from the page cache (cold) or read through once (warm)."""
+    shutil.rmtree(stale, ignore_errors=True)
     os.sync()
     for f in files_of(src):
         if cache == "cold":
@@ -127,16 +143,14 @@ def prepare(src: Path, cache: str) -> None:
 
 
 def copy_seconds(src: Path, dst: Path) -> float:
-    """Seconds for a plain copy of `src`'s files into `dst`, until on disk (the output is removed after)."""
+    """Seconds for a plain copy of `src`'s files into `dst`, until on disk."""
     start = time.perf_counter()
     for f in files_of(src):
         target = dst / f.relative_to(src)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(f, target)
     os.sync()
-    seconds = time.perf_counter() - start
-    shutil.rmtree(dst)
-    return seconds
+    return time.perf_counter() - start
 
 
 def bench_model(label: str, arch: LlamaArch, work: Path, max_shard_bytes: int, repeats: int,
@@ -153,18 +167,17 @@ def bench_model(label: str, arch: LlamaArch, work: Path, max_shard_bytes: int, r
               ["checkpoints_convert/megatron_to_hf.py", "--megatron-dir", str(run), "--out", str(back), "--dtype",
                "bf16"])]
     best = {step: {"seconds": float("inf"), "copy": float("inf"), "rss": 0.0} for step, *_ in steps}
+    copy_dst = work / f"{label}-copy"
     for r in range(repeats):
         for step, src, out, cmd in steps:
-            if r > 0:
-                shutil.rmtree(out)
-            prepare(src, cache)
-            copy = copy_seconds(src, work / f"{label}-copy")
-            prepare(src, cache)
-            seconds, rss = run_measured(*cmd)
+            prepare(src, cache, copy_dst)
+            copy = copy_seconds(src, copy_dst)
+            seconds, rss = run_measured(functools.partial(prepare, src, cache, out), *cmd)
             b = best[step]
             b["seconds"], b["copy"], b["rss"] = min(b["seconds"], seconds), min(b["copy"], copy), max(b["rss"], rss)
             print(f"[{label}] round {r + 1}: copy {copy:.1f} s, {step} {seconds:.1f} s ({copy / seconds:.2f}x), "
                   f"peak RSS {rss:.2f} GiB", flush=True)
+    shutil.rmtree(copy_dst, ignore_errors=True)
     check_export(hf, back, arch)
     return [{"model": label, "step": step, "GB": nbytes / 1e9, "seconds": b["seconds"],
              "GB/s": nbytes / 1e9 / b["seconds"], "copy GB/s": nbytes / 1e9 / b["copy"], "peak RSS GiB": b["rss"]}

@@ -59,7 +59,7 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
-from megatron_cslm.convert.rawio import copy_ranges, pread_into, pwrite_from
+from megatron_cslm.convert.rawio import WriteBehind, copy_ranges, pread_into, pwrite_from
 from megatron_cslm.errors import CslmError
 from megatron_cslm.fileio import DataError, atomic_open
 
@@ -127,6 +127,7 @@ class DistCheckpointWriter:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=False)
         self._fd = os.open(self.directory / DATA_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._behind = WriteBehind(self._fd)  # tensor data goes to disk as it is written (rawio: why)
         self._end = 0
         self._tensors: dict[str, TensorStorageMetadata] = {}
         self._objects: set[str] = set()
@@ -186,7 +187,7 @@ class DistCheckpointWriter:
         """Store `chunk` at `offset` of global tensor `key` (default: the chunk is the whole tensor)."""
         chunk = chunk.detach().contiguous()
         self._chunk(key, chunk.shape, chunk.dtype, global_shape, offset,
-                    lambda at: pwrite_from(self._fd, chunk, at) if chunk.numel() else None)
+                    lambda at: self._behind.written(at, pwrite_from(self._fd, chunk, at)) if chunk.numel() else None)
 
     def add_tensor_from_files(self, key: str, shape: Sequence[int], dtype: torch.dtype,
                               sources: Sequence[tuple[str | Path, int, int]], global_shape: Sequence[int],
@@ -198,7 +199,7 @@ class DistCheckpointWriter:
                              "chunk needs " f"{math.prod(shape) * dtype.itemsize}")
 
         self._chunk(key, shape, dtype, global_shape, offset, lambda at: self._copies.append(
-            self._copier.submit(copy_ranges, sources, self._fd, at, key)))
+            self._copier.submit(copy_ranges, sources, self._fd, at, key, self._behind)))
 
     def add_object(self, unique_key: str, value: Any) -> None:
         """Store a megatron-core ShardedObject (saved as a one-element list, like megatron-core does)."""

@@ -1,15 +1,16 @@
 """HF Llama checkpoint -> megatron-core `dist_checkpointing` run directory, optionally adding speech units.
 
 Streams at the disk's speed in a bounded working set. The output is written as row chunks of at most
-CHUNK_BYTES (32 MiB): the embedding and head as chunks of whole rows (multiples of 4096 rows when new
+CHUNK_BYTES (32 MiB): the embedding and head as chunks of whole rows (multiples of 64 rows when new
 vocabulary rows are added), each decoder layer's slice of a stacked tensor as (1, rows, ...) chunks at
 (layer, row, 0) (`layout.layer_chunks`); DCP and megatron-core assemble any chunking, so it loads at every
 TP x PP. A chunk whose bytes are rows of HF tensors in the stored dtype (nearly all) is copied file to file
 by the kernel (`copy_file_range`) inside torch.save's own record (`dist_ckpt.tensor_record`): bytes that pass
 through user memory cost 3-5x the kernel time of a plain copy on the VMs measured, and fresh memory costs
-more still (glibc maps every large allocation anew). What needs memory goes through POOL_BUFFERS buffers
+more still (glibc maps every large allocation anew). The output's write-back starts as each range is written
+(`rawio.WriteBehind`), so it never piles up in the page cache. What needs memory goes through POOL_BUFFERS buffers
 allocated once: the new rows' float64 moments, summed block by block as the existing rows go by (one
-reused float64 block buffer per matrix; the same sums as `vocab.row_moments`, bit for bit), the new and
+reused cache-sized block buffer per matrix; the same sums as `vocab.row_moments`, bit for bit), the new and
 padding rows (drawn in that buffer), other dtypes. Two background threads do that work (embedding, head)
 while this one queues the copies (run by the writer's threads); peak RSS is the imports plus ~0.5 GB for
 Llama-3.1-8B shapes. The records are in a fixed order

@@ -29,7 +29,7 @@ from typing import Sequence
 import torch
 from safetensors import safe_open
 
-from megatron_cslm.convert.rawio import copy_ranges, pread_into, pwrite_from
+from megatron_cslm.convert.rawio import WriteBehind, copy_ranges, pread_into, pwrite_from
 from megatron_cslm.errors import CslmError
 from megatron_cslm.fileio import DataError, atomic_path, write_json
 
@@ -244,6 +244,7 @@ class ShardedSafetensorsWriter:
         self._rows_left = {name: shape[0] if shape else 1 for name, (_, shape) in self._where.items()}
         self._left = [sum(_nbytes(shape, dtype) for _, shape in shard) for shard in self.shards]  # not yet on disk
         self._fds: dict[int, int] = {}
+        self._behind: dict[int, WriteBehind] = {}  # by fd: each shard goes to disk as it is written (rawio: why)
         self._data_start: dict[int, tuple[int, dict[str, int]]] = {}
         self._stacks: dict[int, contextlib.ExitStack] = {}
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="safetensors-write")
@@ -277,6 +278,7 @@ class ShardedSafetensorsWriter:
         tmp = stack.enter_context(atomic_path(path))
         self._stacks[s] = stack
         self._fds[s] = os.open(tmp, os.O_WRONLY | os.O_TRUNC)
+        self._behind[self._fds[s]] = WriteBehind(self._fds[s])
         header, offsets, offset = {"__metadata__": {"format": "pt"}}, {}, 0
         for name, shape in self.shards[s]:
             end = offset + _nbytes(shape, self.dtype)
@@ -327,7 +329,7 @@ class ShardedSafetensorsWriter:
             if s not in self._fds:
                 self._open_shard(s)
             data_start, offsets = self._data_start[s]
-            jobs.append((self._fds[s], data, data_start + offsets[name] + row * row_bytes))
+            jobs.append((self._behind[self._fds[s]], data, data_start + offsets[name] + row * row_bytes))
             shards[s] += nbytes
         nbytes = sum(shards.values())
         self._drain(max(self._max_pending - nbytes, 0))
@@ -335,13 +337,13 @@ class ShardedSafetensorsWriter:
         self._pending_bytes += nbytes
 
     @staticmethod
-    def _write_blocks(jobs: list[tuple[int, "torch.Tensor | FileRows", int]], release) -> None:
+    def _write_blocks(jobs: list[tuple[WriteBehind, "torch.Tensor | FileRows", int]], release) -> None:
         try:
-            for fd, data, offset in jobs:
+            for behind, data, offset in jobs:
                 if isinstance(data, FileRows):
-                    copy_ranges(data.ranges, fd, offset)
+                    copy_ranges(data.ranges, behind.fd, offset, behind=behind)
                 else:
-                    pwrite_from(fd, data, offset)
+                    behind.written(offset, pwrite_from(behind.fd, data, offset))
         finally:
             if release is not None:
                 release()
@@ -359,6 +361,7 @@ class ShardedSafetensorsWriter:
             for s, nbytes in shards.items():
                 self._left[s] -= nbytes
                 if self._left[s] == 0:
+                    self._behind.pop(self._fds[s])
                     os.close(self._fds.pop(s))
                     self._stacks.pop(s).close()  # completes atomic_path: renames the finished shard into place
 

@@ -26,7 +26,7 @@ from megatron_cslm.errors import CslmError
 from megatron_cslm.speech.identity import DEFAULT_S3_TOKENIZER, S3_TOKENIZERS
 
 NOISE_SCALE = 1e-5
-BLOCK_ROWS = 4096  # rows per float64 block of the moments' sums (fixes their rounding)
+BLOCK_ROWS = 64  # rows per block of the moments' sums (fixes their rounding; 1 MB of float32 at width 4096)
 
 
 def expansion_units(num_units: int | None, speech_tokenizer: str | None) -> int:
@@ -49,28 +49,32 @@ class RowMoments:
 
     Why streaming: the converter computes the moments of the embedding and head as their rows go by on the
     way to the output (no second read, no whole-matrix float64 copy). The sums run over fixed blocks of
-    `block_rows` rows (cast into one reused float64 buffer, squared in place), so any feeding that cuts the
-    rows at block multiples gives the same sums bit for bit as one pass over the whole matrix.
+    `block_rows` rows: a block's column sums are taken in float64 straight from the stored dtype, and its
+    squares in one reused buffer that stays in the CPU cache (float32 for 16-bit rows, whose squares it holds
+    exactly; float64 otherwise), so the cost is one read of the rows, and any feeding that cuts the rows at
+    block multiples gives the same sums bit for bit as one pass over the whole matrix.
     """
 
     def __init__(self, width: int, scratch: torch.Tensor | None = None, block_rows: int = BLOCK_ROWS):
-        self.block_rows, self.rows, self.scratch = block_rows, 0, scratch
+        self.block_rows, self.rows, self.width = block_rows, 0, width
+        self.scratch = scratch if scratch is not None else moment_scratch(width, 0, block_rows)
         self.total = torch.zeros(width, dtype=torch.float64)
         self.total_sq = torch.zeros_like(self.total)
         self._partial = False
 
     def add(self, rows: torch.Tensor) -> None:
         """Fold in the next rows; only the last call may end off a block boundary."""
-        if self.scratch is None:  # one block's buffer, reused for every block
-            self.scratch = moment_scratch(rows.shape[1], 0, min(self.block_rows, rows.shape[0]))
+        exact = torch.float32 if rows.dtype in (torch.bfloat16, torch.float16) else torch.float64
+        squares = self.scratch.view(-1).view(torch.uint8).view(exact)
         for start in range(0, rows.shape[0], self.block_rows):
             n = min(self.block_rows, rows.shape[0] - start)
-            if self._partial or n > len(self.scratch):
+            if self._partial or n * self.width > squares.numel():
                 raise ValueError(f"rows after a partial block, or a block of {n} rows for a scratch of "
-                                 f"{len(self.scratch)}: feed whole blocks of rows until the last call")
-            block = self.scratch[:n].copy_(rows[start:start + n])
-            self.total += block.sum(0)
-            self.total_sq += block.square_().sum(0)
+                                 f"{squares.numel() // self.width}: feed whole blocks of rows until the last call")
+            block = rows[start:start + n]
+            self.total += block.sum(0, dtype=torch.float64)
+            square = squares[:n * self.width].view(n, self.width).copy_(block).square_()
+            self.total_sq += square.sum(0, dtype=torch.float64)
             self._partial = n < self.block_rows
         self.rows += rows.shape[0]
 
@@ -80,7 +84,8 @@ class RowMoments:
 
 
 def moment_scratch(width: int, new_count: int, block_rows: int = BLOCK_ROWS) -> torch.Tensor:
-    """One float64 buffer for a moments block and, after, `new_count` rows of noise (one allocation, reused)."""
+    """One float64 buffer for a moments block's squares and, after, `new_count` rows of noise (one allocation,
+    reused)."""
     return torch.empty(max(block_rows, new_count), width, dtype=torch.float64)
 
 
