@@ -12,17 +12,19 @@ and the same for the tiny model. Baseline, in this process on the same files: a 
 files (the HF shards for HF -> megatron, the megatron checkpoint for megatron -> HF), so `vs copy` is a
 conversion's throughput over what the disk does for the same bytes read and written. The two are measured
 alike and interleaved (copy, convert, copy, convert, ... `--repeats` rounds; best of each). Every timed step
-starts right after the same preparation: the step's previous output deleted, everything written back, and
-the input dropped from the page cache (`--cache cold`; `--cache warm` reads it through once instead); it
-ends with its output on disk (`os.sync`). The conversion runs in a fresh interpreter that imports torch,
-transformers and the converters, then waits: it is prepared for and started like the copy, so interpreter
-start-up is not counted and both meet the same memory state (on a VM that hands freed pages back to its
-host, pages freed seconds earlier cost several times more to touch than pages freed just now; a step
-prepared before a 3 s import would meet the former, the copy the latter). A conversion's peak RSS is the
+starts right after the same preparation: the step's previous output deleted, everything written back, the
+input dropped from the page cache (`--cache cold`; `--cache warm` reads it through once instead), then
+`--settle` seconds of quiet; it ends with its output on disk (`os.sync`), and an output no later step reads
+is deleted at once (the full 8B then needs three checkpoints of disk, not four). The conversion runs in a
+fresh interpreter that imports torch, transformers and the converters, then waits: it is prepared for and
+started like the copy, so interpreter start-up is not counted and both meet the same memory state. (On a VM
+that hands freed pages back to its host, a page freed seconds ago costs several times more to touch than one
+freed just now: without the same preparation and pause, whichever step followed a large deletion would run
+on cheap pages.) A conversion's peak RSS is the
 process's own high-water mark (VmHWM; the converters start no child processes), imports included.
 
-    python bench/convert.py              # 8B + tiny; needs ~70 GB free under --work-dir
-    python bench/convert.py --layers 8   # 8B shapes, 8 of 32 layers: ~5.6 GB per checkpoint, ~25 GB of disk
+    python bench/convert.py              # 8B + tiny; needs ~50 GB free under --work-dir (3 checkpoints)
+    python bench/convert.py --layers 8   # 8B shapes, 8 of 32 layers: ~5.6 GB per checkpoint, ~17 GB of disk
     python bench/convert.py --quick      # tiny only, seconds
 
 Ends with `hf->megatron vs copy: N.NNx` and `megatron->hf vs copy: N.NNx` (the largest model measured, peak
@@ -128,9 +130,10 @@ def files_of(directory: Path) -> list[Path]:
     return sorted(p for p in directory.rglob("*") if p.is_file())
 
 
-def prepare(src: Path, cache: str, stale: Path) -> None:
+def prepare(src: Path, cache: str, stale: Path, settle: float) -> None:
     """The state every timed step starts from: the step's previous output `stale` deleted, everything written
-    back, and `src`'s files dropped from the page cache (cold) or read through once (warm)."""
+    back, `src`'s files dropped from the page cache (cold) or read through once (warm), then `settle` seconds
+    of quiet, so pages freed by whatever ran before are in the same state (on a VM, handed back to the host)."""
     shutil.rmtree(stale, ignore_errors=True)
     os.sync()
     for f in files_of(src):
@@ -140,6 +143,7 @@ def prepare(src: Path, cache: str, stale: Path) -> None:
             with open(f, "rb") as fh:
                 while fh.read(2**24):
                     pass
+    time.sleep(settle)
 
 
 def copy_seconds(src: Path, dst: Path) -> float:
@@ -154,7 +158,7 @@ def copy_seconds(src: Path, dst: Path) -> float:
 
 
 def bench_model(label: str, arch: LlamaArch, work: Path, max_shard_bytes: int, repeats: int,
-                cache: str) -> list[dict]:
+                cache: str, settle: float) -> list[dict]:
     hf, run, back = work / f"{label}-hf", work / f"{label}-megatron", work / f"{label}-hf-export"
     start = time.perf_counter()
     random_hf_checkpoint(hf, arch, max_shard_bytes)
@@ -170,14 +174,16 @@ def bench_model(label: str, arch: LlamaArch, work: Path, max_shard_bytes: int, r
     copy_dst = work / f"{label}-copy"
     for r in range(repeats):
         for step, src, out, cmd in steps:
-            prepare(src, cache, copy_dst)
+            prepare(src, cache, copy_dst, settle)
             copy = copy_seconds(src, copy_dst)
-            seconds, rss = run_measured(functools.partial(prepare, src, cache, out), *cmd)
+            shutil.rmtree(copy_dst)  # before the next step's preparation: disk for the full 8B
+            seconds, rss = run_measured(functools.partial(prepare, src, cache, out, settle), *cmd)
+            if r < repeats - 1 and all(out != other for _, other, _, _ in steps):  # not read again
+                shutil.rmtree(out)
             b = best[step]
             b["seconds"], b["copy"], b["rss"] = min(b["seconds"], seconds), min(b["copy"], copy), max(b["rss"], rss)
             print(f"[{label}] round {r + 1}: copy {copy:.1f} s, {step} {seconds:.1f} s ({copy / seconds:.2f}x), "
                   f"peak RSS {rss:.2f} GiB", flush=True)
-    shutil.rmtree(copy_dst, ignore_errors=True)
     check_export(hf, back, arch)
     return [{"model": label, "step": step, "GB": nbytes / 1e9, "seconds": b["seconds"],
              "GB/s": nbytes / 1e9 / b["seconds"], "copy GB/s": nbytes / 1e9 / b["copy"], "peak RSS GiB": b["rss"]}
@@ -203,8 +209,10 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=2, help="Rounds of (copy, convert) per direction; best of each.")
     p.add_argument("--cache", choices=("cold", "warm"), default="cold",
                    help="Page-cache state of the input before each copy and conversion alike (default: cold).")
+    p.add_argument("--settle", type=float, default=3.0,
+                   help="Seconds of quiet after each step's preparation, before it starts (default: 3).")
     p.add_argument("--work-dir", default="/tmp/cslm_convert_bench",
-                   help="Scratch directory (deleted afterwards unless --keep); the 8B run needs ~70 GB.")
+                   help="Scratch directory (deleted afterwards unless --keep); the 8B run needs ~50 GB.")
     p.add_argument("--keep", action="store_true", help="Keep the generated and converted checkpoints.")
     p.add_argument("--max-rss-gib", type=float, default=4.0, help="Fail if a conversion's peak RSS exceeds this.")
     args = p.parse_args()
@@ -221,7 +229,7 @@ def main() -> int:
     rows = []
     try:
         for label, arch, shard in models:
-            rows += bench_model(label, arch, work, shard, args.repeats, args.cache)
+            rows += bench_model(label, arch, work, shard, args.repeats, args.cache, args.settle)
             if not args.keep:  # free the disk before the next model
                 for leftover in work.glob(f"{label}-*"):
                     shutil.rmtree(leftover)

@@ -14,7 +14,7 @@ BENCHES = {
     "bench/flops.py": [],
     "bench/packing.py": ["--quick"],
     "bench/preprocess.py": ["--quick"],
-    "bench/convert.py": ["--quick", "--repeats", "1", "--cache", "warm"],  # one round: the smoke, not the figure
+    "bench/convert.py": ["--quick", "--repeats", "1", "--cache", "warm", "--settle", "0"],  # the smoke, not the figure
     "bench/decode.py": ["--quick"],
     "bench/tokenize_speech.py": ["--quick"],
 }
