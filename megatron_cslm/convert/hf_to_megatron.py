@@ -232,8 +232,8 @@ def write_checkpoint(checkpoint: HFCheckpoint, arch: LlamaArch, directory: Path,
         return buffer
 
     # Two background lanes run the fills (reads, moments, new rows), each in order: the embedding's and the
-    # head's moments are summed at the same time. This thread waits only for the records written from memory,
-    # so the file copies go on meanwhile.
+    # head's moments are summed at the same time. This thread waits for the records written from memory and
+    # for the rows of a copied chunk to be read (so it is read from disk once); the file copies go on meanwhile.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fill") as lane0, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="fill-head") as lane1, \
             DistCheckpointWriter(directory) as writer, \
@@ -243,6 +243,8 @@ def write_checkpoint(checkpoint: HFCheckpoint, arch: LlamaArch, directory: Path,
         try:
             for i, chunk in enumerate(chunks):
                 if chunk.copies:
+                    if chunk.fill is not None:  # rows looked at first (moments): queued once read, so the copy
+                        fills.pop(i).result()  # finds them in the page cache before it drops them (rawio)
                     ranges = [checkpoint.byte_range(name, row, nbytes) for name, row, nbytes in chunk.copies]
                     writer.add_tensor_from_files(chunk.key, chunk.shape, chunk.dtype, ranges, chunk.global_shape,
                                                  chunk.offset)
