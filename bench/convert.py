@@ -20,8 +20,8 @@ fresh interpreter that imports torch, transformers and the converters, then wait
 started like the copy, so interpreter start-up is not counted and both meet the same memory state. (On a VM
 that hands freed pages back to its host, a page freed seconds ago costs several times more to touch than one
 freed just now: without the same preparation and pause, whichever step followed a large deletion would run
-on cheap pages.) A conversion's peak RSS is the
-process's own high-water mark (VmHWM; the converters start no child processes), imports included.
+on cheap pages.) A conversion's peak RSS is the process's own high-water mark (VmHWM; the converters start
+no child processes), imports included.
 
     python bench/convert.py              # 8B + tiny; needs ~50 GB free under --work-dir (3 checkpoints)
     python bench/convert.py --layers 8   # 8B shapes, 8 of 32 layers: ~5.6 GB per checkpoint, ~17 GB of disk
@@ -147,14 +147,16 @@ def prepare(src: Path, cache: str, stale: Path, settle: float) -> None:
 
 
 def copy_seconds(src: Path, dst: Path) -> float:
-    """Seconds for a plain copy of `src`'s files into `dst`, until on disk."""
+    """Seconds for a plain copy of `src`'s files into `dst`, until on disk (the output is removed after)."""
     start = time.perf_counter()
     for f in files_of(src):
         target = dst / f.relative_to(src)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(f, target)
     os.sync()
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    shutil.rmtree(dst)  # before the next step's preparation: disk for the full 8B
+    return seconds
 
 
 def bench_model(label: str, arch: LlamaArch, work: Path, max_shard_bytes: int, repeats: int,
@@ -176,7 +178,6 @@ def bench_model(label: str, arch: LlamaArch, work: Path, max_shard_bytes: int, r
         for step, src, out, cmd in steps:
             prepare(src, cache, copy_dst, settle)
             copy = copy_seconds(src, copy_dst)
-            shutil.rmtree(copy_dst)  # before the next step's preparation: disk for the full 8B
             seconds, rss = run_measured(functools.partial(prepare, src, cache, out, settle), *cmd)
             if r < repeats - 1 and all(out != other for _, other, _, _ in steps):  # not read again
                 shutil.rmtree(out)

@@ -243,8 +243,7 @@ class ShardedSafetensorsWriter:
         self._where = {name: (s, shape) for s, shard in enumerate(self.shards) for name, shape in shard}
         self._rows_left = {name: shape[0] if shape else 1 for name, (_, shape) in self._where.items()}
         self._left = [sum(_nbytes(shape, dtype) for _, shape in shard) for shard in self.shards]  # not yet on disk
-        self._fds: dict[int, int] = {}
-        self._behind: dict[int, WriteBehind] = {}  # by fd: each shard goes to disk as it is written (rawio: why)
+        self._open: dict[int, WriteBehind] = {}  # by shard: its fd, written back as it is written (rawio: why)
         self._data_start: dict[int, tuple[int, dict[str, int]]] = {}
         self._stacks: dict[int, contextlib.ExitStack] = {}
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="safetensors-write")
@@ -261,8 +260,8 @@ class ShardedSafetensorsWriter:
             self._drain(0, raise_errors=exc_type is None)
         finally:
             self._pool.shutdown(wait=True)
-            for s in list(self._fds):
-                os.close(self._fds.pop(s))
+            for s in list(self._open):
+                os.close(self._open.pop(s).fd)
             for s in list(self._stacks):  # partial shards: atomic_path deletes them
                 self._stacks.pop(s).__exit__(exc_type or RuntimeError, exc, tb)
         if exc_type is None:
@@ -277,8 +276,7 @@ class ShardedSafetensorsWriter:
         stack = contextlib.ExitStack()
         tmp = stack.enter_context(atomic_path(path))
         self._stacks[s] = stack
-        self._fds[s] = os.open(tmp, os.O_WRONLY | os.O_TRUNC)
-        self._behind[self._fds[s]] = WriteBehind(self._fds[s])
+        self._open[s] = WriteBehind(os.open(tmp, os.O_WRONLY | os.O_TRUNC))
         header, offsets, offset = {"__metadata__": {"format": "pt"}}, {}, 0
         for name, shape in self.shards[s]:
             end = offset + _nbytes(shape, self.dtype)
@@ -287,7 +285,7 @@ class ShardedSafetensorsWriter:
             offset = end
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
         raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as safetensors writes it
-        os.pwrite(self._fds[s], struct.pack("<Q", len(raw)) + raw, 0)
+        os.pwrite(self._open[s].fd, struct.pack("<Q", len(raw)) + raw, 0)
         self._data_start[s] = (8 + len(raw), offsets)
 
     def write(self, name: str, tensor: torch.Tensor | Sequence[torch.Tensor]) -> None:
@@ -326,10 +324,10 @@ class ShardedSafetensorsWriter:
             if rows > self._rows_left[name]:
                 raise RuntimeError(f"{name}: more rows written than planned")
             self._rows_left[name] -= rows
-            if s not in self._fds:
+            if s not in self._open:
                 self._open_shard(s)
             data_start, offsets = self._data_start[s]
-            jobs.append((self._behind[self._fds[s]], data, data_start + offsets[name] + row * row_bytes))
+            jobs.append((self._open[s], data, data_start + offsets[name] + row * row_bytes))
             shards[s] += nbytes
         nbytes = sum(shards.values())
         self._drain(max(self._max_pending - nbytes, 0))
@@ -361,8 +359,7 @@ class ShardedSafetensorsWriter:
             for s, nbytes in shards.items():
                 self._left[s] -= nbytes
                 if self._left[s] == 0:
-                    self._behind.pop(self._fds[s])
-                    os.close(self._fds.pop(s))
+                    os.close(self._open.pop(s).fd)
                     self._stacks.pop(s).close()  # completes atomic_path: renames the finished shard into place
 
     def _write_index(self) -> None:
